@@ -1,0 +1,1 @@
+"""Device profiles, the fit check and bundles (installed as ``edgeqlora.devices``)."""

@@ -1,0 +1,153 @@
+"""Artifact directories: manifests, hashes and atomic writes.
+
+Stages talk through directories on disk, each with a ``manifest.json``. Outputs are written into
+a temporary sibling and renamed into place only when complete and verified, so a failed run
+leaves no half-written model behind and never overwrites a good one silently.
+
+Torch-free: the runtimes and devices import this too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import InputError, ManifestError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under ``directory`` except the manifest itself."""
+    root = Path(directory)
+    table = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(root).as_posix()
+            table[rel] = {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+    return table
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of the named distributions (missing ones are left out)."""
+    from importlib import metadata
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(directory: str | Path, kind: str, data: dict[str, Any],
+                   hash_files: bool = True) -> dict[str, Any]:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **data,
+    }
+    manifest.setdefault("versions", versions("edgeqlora"))
+    if hash_files:
+        manifest["files"] = file_table(directory)
+    path = Path(directory) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
+    d = Path(directory)
+    if not d.exists():
+        raise InputError(f"{d} does not exist")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{d} has no {MANIFEST}; is it a directory edgeqlora wrote?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} must hold a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{path} has format_version {version!r}; this edgeqlora reads "
+                            f"format_version {FORMAT_VERSION}")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ManifestError(f"{d} holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    return manifest
+
+
+def verify_files(directory: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems (changed, missing or extra files) between ``directory`` and its manifest."""
+    expected = manifest.get("files", {})
+    actual = file_table(directory)
+    problems = []
+    for name, info in expected.items():
+        if name not in actual:
+            problems.append(f"{name}: missing")
+        elif actual[name]["sha256"] != info["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (file changed)")
+    for name in actual:
+        if name not in expected:
+            problems.append(f"{name}: not in the manifest (extra file)")
+    return problems
+
+
+def prepare_output(out: str | Path, force: bool = False, what: str = "output") -> Path:
+    """Check that ``out`` may be written: refuse to overwrite without ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{what} {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{what} {out} already exists and is not empty; "
+                         "pass --force to replace it")
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True) if not parent.exists() else None
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {what} {out}: {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, force: bool = False, what: str = "output") -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success rename it to ``out``.
+
+    On any exception the temporary directory is removed and ``out`` (if it existed) is left
+    untouched. With ``force`` an existing ``out`` is replaced only once the new one is complete.
+    """
+    out = prepare_output(out, force=force, what=what)
+    parent = out.resolve().parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise InputError(f"cannot write {what} {out}: {exc.strerror}") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,1 @@
+"""Embedded tasks: deterministic datasets with their own metrics."""

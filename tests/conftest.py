@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random Llama-family models built from a config, with the embedded
+model's real tokenizer. Nothing is downloaded; seeds are fixed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Two cores: keep torch from oversubscribing them when pytest runs helpers in subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face checkpoint (converted once, cached)."""
+    from edgeqlora.base import resolve_base
+
+    return resolve_base("embedded")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def build_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0,
+                     hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                     intermediate: int = 128, tie: bool = True) -> Path:
+    """Write a tiny random model of the Llama family (llama, mistral, qwen2) with the real
+    SmolLM2 tokenizer into ``out`` as safetensors, like any local HF checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        arch, vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.exists():
+            shutil.copy(src, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
