@@ -1,0 +1,61 @@
+"""The CLI contract: final command names, one-line errors, exit codes, --debug tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edgeqlora import __version__
+from edgeqlora.cli import build_parser, main
+
+COMMANDS = ("quickstart", "train", "export", "parity", "run", "serve", "devices", "bench",
+            "config")
+
+
+def test_command_names_are_final():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(COMMANDS) <= set(sub.choices)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_config_show_suggests_closest_key(capsys):
+    code = main(["config", "show", "recipes/quickstart.yaml", "lora.rnk=8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "lora.r" in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_show_prints_resolved(capsys):
+    assert main(["config", "show", "recipes/quickstart.yaml", "lora.r=4"]) == 0
+    out = capsys.readouterr().out
+    assert "r: 4" in out
+
+
+def test_train_nonexistent_base_one_line_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeqlora", "train", "base=/nonexistent", "max_steps=1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "/nonexistent" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_shows_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeqlora", "--debug", "config", "show", "lora.rnk=8"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
