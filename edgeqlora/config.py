@@ -51,6 +51,9 @@ class ParityConfig:
     max_kld: float = 0.5
     min_top1: float = 0.80
     max_ppl_ratio: float = 1.25
+    # Task exact match of the export over the trained model's (goal: q8_0 >= 0.995, q4_k_m >=
+    # 0.98); the gate default leaves room for a one-answer swing on a small held-out sample.
+    min_exact_match_ratio: float = 0.90
     eval_examples: int = 50
     text_tokens: int = 1024
 
@@ -86,6 +89,11 @@ class Config:
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = False
+    # Checkpoints kept under out/checkpoints (older ones are deleted; 0 keeps all).
+    keep_checkpoints: int = 2
+    # Held-out tokens on which the quantized base is compared with the 16/32-bit one at the start
+    # of a run (top-1 agreement, KLD); 0 skips the check.
+    quant_report_tokens: int = 512
     lora: LoraConfig = field(default_factory=LoraConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
@@ -107,7 +115,8 @@ def _validate(cfg: Config) -> list[str]:
                  "max_new_tokens"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name}={getattr(cfg, name)} must be a positive integer")
-    for name in ("save_every", "eval_every", "warmup_steps", "eval_examples"):
+    for name in ("save_every", "eval_every", "warmup_steps", "eval_examples",
+                 "keep_checkpoints", "quant_report_tokens"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name}={getattr(cfg, name)} must be >= 0")
     if cfg.lr <= 0:

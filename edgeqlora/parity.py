@@ -1,0 +1,521 @@
+"""The parity gate: does the exported file behave like the model that was trained?
+
+Reference: the trained model exactly as trained (NF4 base + LoRA adapter, in torch, through
+``edgeqlora.qlora.load_trained``). Candidates: export directories run through their own
+torch-free runtime (``edgeqlora.runtimes``). Both see the *same token ids*, from
+
+(a) the held-out task set the adapter's manifest points to (full conversations, the chat
+    template applied by the reference tokenizer), and
+(b) a general English text shipped with the package (``edgeqlora/assets/english.txt``), so a
+    candidate that kept the task but lost the language shows up too.
+
+Per candidate and set: mean and p99 KL(reference || candidate) of the next-token distributions,
+top-1 agreement, perplexity ratio (candidate / reference, on the same next tokens), and on the
+task set the exact match of greedy answers produced through the candidate runtime's own chat
+template and generate, next to the reference's, plus how many answers are identical to the
+reference's. The gate fails a candidate whose mean KLD, top-1 or perplexity ratio is beyond the
+config's ``parity`` thresholds, or whose runtime builds different prompt tokens than the trained
+model's tokenizer.
+
+The metric functions (``log_softmax``, ``kl_divergence``, ``top1_agreement``, ``nll``,
+``perplexity``) are pure numpy, computed in float64; ``tests/test_parity.py`` checks them
+against torch.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .errors import InputError, ParityError
+
+ENGLISH_TEXT = Path(__file__).with_name("assets") / "english.txt"
+# Text chunks stay short enough for any candidate context and for a cheap reference forward.
+TEXT_CHUNK = 512
+TASK_MAX_LEN = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: pure functions on [n, vocab] logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64 (float32 loses the small probabilities that
+    dominate a KL divergence's tail)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _pair(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ref, cand = np.atleast_2d(ref), np.atleast_2d(cand)
+    if ref.shape != cand.shape:
+        raise InputError(f"reference logits {ref.shape} and candidate logits {cand.shape} "
+                         "differ in shape (different vocabulary or sequence?)")
+    return ref, cand
+
+
+def kl_divergence(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P_cand) of the next-token distributions at each position: ``[n]``."""
+    ref, cand = _pair(ref_logits, cand_logits)
+    lp_ref, lp_cand = log_softmax(ref), log_softmax(cand)
+    kld = (np.exp(lp_ref) * (lp_ref - lp_cand)).sum(axis=-1)
+    return np.maximum(kld, 0.0)  # rounding can give -1e-17 for identical rows
+
+
+def top1_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
+    """Share of positions where both pick the same most likely next token."""
+    ref, cand = _pair(ref_logits, cand_logits)
+    return float((ref.argmax(axis=-1) == cand.argmax(axis=-1)).mean())
+
+
+def nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """Negative log-likelihood of ``targets[i]`` under ``logits[i]``: ``[n]``."""
+    lp = log_softmax(np.atleast_2d(logits))
+    t = np.asarray(targets, dtype=np.int64)
+    if t.shape != (lp.shape[0],):
+        raise InputError(f"{t.shape[0] if t.ndim else 0} targets for {lp.shape[0]} positions")
+    return -lp[np.arange(len(t)), t]
+
+
+def perplexity(logits: np.ndarray, targets: Sequence[int]) -> float:
+    """exp(mean NLL) of ``targets`` given ``logits`` (row i predicts targets[i])."""
+    return float(np.exp(nll(logits, targets).mean()))
+
+
+def summarize(kld: np.ndarray, top1: np.ndarray, ref_nll: np.ndarray,
+              cand_nll: np.ndarray) -> dict[str, float]:
+    """One set's per-position measurements -> the numbers the report shows."""
+    if len(kld) == 0:
+        return {"tokens": 0}
+    ref_ppl = float(np.exp(ref_nll.mean())) if len(ref_nll) else float("nan")
+    cand_ppl = float(np.exp(cand_nll.mean())) if len(cand_nll) else float("nan")
+    return {"tokens": int(len(kld)), "mean_kld": float(kld.mean()),
+            "p99_kld": float(np.percentile(kld, 99)), "max_kld": float(kld.max()),
+            "top1": float(top1.mean()), "ref_ppl": ref_ppl, "ppl": cand_ppl,
+            "ppl_ratio": cand_ppl / ref_ppl}
+
+
+# ---------------------------------------------------------------------------------------------
+# What the gate compares
+
+
+class Reference(Protocol):
+    """The trained model's side: its tokenizer, logits and greedy answers."""
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]: ...
+
+    def logits(self, token_ids: list[int]) -> np.ndarray: ...
+
+    def greedy(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]: ...
+
+
+class TorchReference:
+    """The trained model exactly as trained: NF4 base + adapter in torch, with the base's HF
+    tokenizer and chat template."""
+
+    def __init__(self, adapter_dir: str | Path, device: str | None = None):
+        from transformers import AutoTokenizer
+
+        from .artifacts import read_manifest
+        from .base import resolve_base
+        from .qlora import load_trained
+
+        self.adapter_dir = Path(adapter_dir)
+        self.manifest = read_manifest(self.adapter_dir, kind="adapter")
+        self.model = load_trained(self.adapter_dir, device=device)
+        base = self.manifest.get("base", {})
+        path = Path(base.get("path", ""))
+        if not (path / "config.json").is_file():
+            path = resolve_base(base.get("spec", "embedded"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def chat_ids(self, messages, add_generation_prompt):
+        return list(self.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=False,
+            add_generation_prompt=add_generation_prompt))
+
+    def logits(self, token_ids):
+        import torch
+
+        with torch.no_grad():
+            x = torch.tensor([list(token_ids)], dtype=torch.long, device=self.model.device)
+            return self.model(x).logits[0].float().cpu().numpy()
+
+    def greedy(self, conversations, max_new_tokens):
+        from .evaluate import greedy_generate
+
+        return greedy_generate(self.model, self.tokenizer, conversations, max_new_tokens)
+
+
+@dataclass
+class TaskSet:
+    """Held-out conversations (prompt + answer), and IoT targets when the task is the embedded
+    one (scored with ``tasks.iot.score``); otherwise answers are compared as strings."""
+
+    conversations: list[list[dict]]
+    targets: list[dict] | None = None
+    source: str = ""
+
+    @property
+    def prompts(self) -> list[list[dict]]:
+        out = []
+        for messages in self.conversations:
+            last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+            out.append(messages[:last])
+        return out
+
+    @property
+    def answers(self) -> list[str]:
+        return [[m for m in c if m.get("role") == "assistant"][-1]["content"]
+                for c in self.conversations]
+
+
+def task_set(manifest: Mapping[str, Any], n: int) -> TaskSet:
+    """The held-out rows the adapter's manifest points to (the trainer's eval data, or the
+    embedded IoT task's held-out split), as the export stage picks them."""
+    from .merge import heldout_conversations
+    from .tasks import iot
+
+    convs = [c for c in heldout_conversations(dict(manifest), n)
+             if any(m.get("role") == "assistant" for m in c)]
+    if not convs:
+        raise InputError("the adapter's held-out data has no conversation with an answer")
+    spec = str((manifest.get("data") or {}).get("spec", ""))
+    targets = None
+    if spec.startswith("embedded:iot") or not spec:
+        parsed = [iot.parse_action([m for m in c if m["role"] == "assistant"][-1]["content"])
+                  for c in convs]
+        if all(p is not None for p in parsed):
+            targets = parsed
+    return TaskSet(convs, targets, source=spec or "embedded:iot")
+
+
+def english_sequences(tokenize: Callable[[str], list[int]], n_tokens: int,
+                      path: Path = ENGLISH_TEXT) -> list[list[int]]:
+    """The shipped English text as chunks of at most TEXT_CHUNK token ids (``n_tokens`` total)."""
+    ids = tokenize(path.read_text(encoding="utf-8"))[:n_tokens]
+    return [ids[i:i + TEXT_CHUNK] for i in range(0, len(ids), TEXT_CHUNK) if len(ids[i:]) >= 2]
+
+
+def exact_match(outputs: list[str], task: TaskSet) -> float:
+    if not outputs:
+        return 0.0
+    if task.targets is not None:
+        from .tasks import iot
+
+        return float(iot.score(outputs, task.targets)["exact_match"])
+    return float(np.mean([o.strip() == a.strip() for o, a in zip(outputs, task.answers)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+
+
+@dataclass
+class _Acc:
+    kld: list = field(default_factory=list)
+    top1: list = field(default_factory=list)
+    ref_nll: list = field(default_factory=list)
+    cand_nll: list = field(default_factory=list)
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, ids: list[int]) -> None:
+        self.kld.append(kl_divergence(ref, cand))
+        self.top1.append(ref.argmax(-1) == cand.argmax(-1))
+        self.ref_nll.append(nll(ref[:-1], ids[1:]))
+        self.cand_nll.append(nll(cand[:-1], ids[1:]))
+
+    def summary(self) -> dict[str, float]:
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+        return summarize(cat(self.kld), cat(self.top1), cat(self.ref_nll), cat(self.cand_nll))
+
+
+def compare(reference: Reference, candidates: Mapping[str, Any], task: TaskSet,
+            text_seqs: list[list[int]], max_new_tokens: int = 64,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every candidate runtime against the reference; returns the report body."""
+    say = progress or (lambda msg: None)
+    task_seqs = [reference.chat_ids(c, add_generation_prompt=False)[:TASK_MAX_LEN]
+                 for c in task.conversations]
+    sets = {"task": [s for s in task_seqs if len(s) >= 2], "text": text_seqs}
+    acc = {name: {s: _Acc() for s in ("task", "text", "all")} for name in candidates}
+    for set_name, seqs in sets.items():
+        for i, ids in enumerate(seqs):
+            say(f"logits: {set_name} {i + 1}/{len(seqs)}")
+            ref = reference.logits(ids)
+            for name, rt in candidates.items():
+                cand = rt.logits(ids)
+                acc[name][set_name].add(ref, cand, ids)
+                acc[name]["all"].add(ref, cand, ids)
+
+    prompts = task.prompts
+    say(f"greedy answers: reference ({len(prompts)} prompts)")
+    ref_out = [o.strip() for o in reference.greedy(prompts, max_new_tokens)]
+    ref_prompt_ids = [reference.chat_ids(p, add_generation_prompt=True) for p in prompts]
+    report: dict[str, Any] = {
+        "reference": {"task": {"examples": len(prompts),
+                               "exact_match": exact_match(ref_out, task),
+                               "source": task.source},
+                      "samples": [{"prompt": p[-1]["content"], "output": o}
+                                  for p, o in zip(prompts[:3], ref_out[:3])]},
+        "candidates": {},
+    }
+    for name, rt in candidates.items():
+        outs, mismatched = [], 0
+        for i, (p, ref_ids) in enumerate(zip(prompts, ref_prompt_ids)):
+            say(f"greedy answers: {name} {i + 1}/{len(prompts)}")
+            if rt.chat_ids(p, add_generation_prompt=True) != ref_ids:
+                mismatched += 1
+            outs.append(rt.chat(p, max_new_tokens=max_new_tokens, temperature=0.0).strip())
+        identical = sum(a == b for a, b in zip(outs, ref_out))
+        report["candidates"][name] = {
+            "runtime": rt.info() if hasattr(rt, "info") else {},
+            "task": {**acc[name]["task"].summary(), "examples": len(prompts),
+                     "exact_match": exact_match(outs, task),
+                     "identical_answers": identical,
+                     "prompt_token_mismatches": mismatched},
+            "text": acc[name]["text"].summary(),
+            "all": acc[name]["all"].summary(),
+            "samples": [{"prompt": p[-1]["content"], "output": o}
+                        for p, o in zip(prompts[:3], outs[:3])],
+        }
+    return report
+
+
+def thresholds_from(cfg) -> dict[str, float]:
+    """The gate's thresholds from a ``ParityConfig`` (or a mapping with the same keys)."""
+    get = cfg.get if isinstance(cfg, Mapping) else lambda k, d=None: getattr(cfg, k, d)
+    th = {"max_kld": float(get("max_kld")), "min_top1": float(get("min_top1")),
+          "max_ppl_ratio": float(get("max_ppl_ratio"))}
+    # Exact-match retention (candidate EM / reference EM) when the config defines it.
+    em = get("min_exact_match_ratio", None)
+    if em is not None:
+        th["min_exact_match_ratio"] = float(em)
+    return th
+
+
+def gate(report: Mapping[str, Any], thresholds: Mapping[str, float]) -> dict[str, list[str]]:
+    """Failing metrics per candidate (an empty list = passed), measured on all tokens."""
+    ref_em = report["reference"]["task"]["exact_match"]
+    failures = {}
+    for name, c in report["candidates"].items():
+        allm, problems = c["all"], []
+        if allm["mean_kld"] > thresholds["max_kld"]:
+            problems.append(f"mean KLD {allm['mean_kld']:.4f} > max_kld "
+                            f"{thresholds['max_kld']}")
+        if allm["top1"] < thresholds["min_top1"]:
+            problems.append(f"top-1 agreement {allm['top1']:.4f} < min_top1 "
+                            f"{thresholds['min_top1']}")
+        if not allm["ppl_ratio"] <= thresholds["max_ppl_ratio"]:  # NaN fails too
+            problems.append(f"perplexity ratio {allm['ppl_ratio']:.4f} > max_ppl_ratio "
+                            f"{thresholds['max_ppl_ratio']}")
+        if "min_exact_match_ratio" in thresholds and ref_em > 0:
+            ratio = c["task"]["exact_match"] / ref_em
+            if ratio < thresholds["min_exact_match_ratio"]:
+                problems.append(f"exact match {c['task']['exact_match']:.3f} is {ratio:.3f} of "
+                                f"the reference's {ref_em:.3f} < min_exact_match_ratio "
+                                f"{thresholds['min_exact_match_ratio']}")
+        if c["task"]["prompt_token_mismatches"]:
+            problems.append(f"prompt tokens differ from the trained model's on "
+                            f"{c['task']['prompt_token_mismatches']} of "
+                            f"{c['task']['examples']} held-out prompts (chat template or "
+                            "tokenizer changed in the export)")
+        failures[name] = problems
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    th = report["thresholds"]
+    ref = report["reference"]["task"]
+    lines = [
+        "# Parity report",
+        "",
+        f"Reference: `{report['settings']['reference']}` (trained NF4 base + adapter, torch). "
+        f"Task: {ref['examples']} held-out examples from `{ref['source']}`; text: "
+        f"{report['settings']['text_tokens']} tokens of `edgeqlora/assets/english.txt`. Machine: "
+        f"{report['machine']['platform']}, {report['machine']['cpu_count']} CPUs.",
+        "",
+        f"Thresholds (all tokens): mean KLD <= {th['max_kld']}, top-1 >= {th['min_top1']}, "
+        f"perplexity ratio <= {th['max_ppl_ratio']}"
+        + (f", exact-match retention >= {th['min_exact_match_ratio']}"
+           if "min_exact_match_ratio" in th else "") + ".",
+        "",
+        "| model | mean KLD | p99 KLD | top-1 | ppl ratio | task KLD | text KLD | exact match "
+        "| identical answers | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| reference | - | - | - | 1.0000 | - | - | {ref['exact_match']:.3f} | "
+        f"{ref['examples']}/{ref['examples']} | - |",
+    ]
+    for name, c in report["candidates"].items():
+        a, t = c["all"], c["task"]
+        verdict = "pass" if not report["failures"][name] else "FAIL"
+        lines.append(
+            f"| {name} | {_fmt(a['mean_kld'])} | {_fmt(a['p99_kld'])} | {_fmt(a['top1'])} | "
+            f"{_fmt(a['ppl_ratio'])} | {_fmt(t.get('mean_kld', float('nan')))} | "
+            f"{_fmt(c['text'].get('mean_kld', float('nan')))} | {t['exact_match']:.3f} | "
+            f"{t['identical_answers']}/{t['examples']} | {verdict} |")
+    for name, problems in report["failures"].items():
+        if problems:
+            lines += ["", f"**{name} fails:** " + "; ".join(problems) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping[str, Any], path: Path) -> None:
+    """Bar chart per candidate: mean KLD, top-1, perplexity ratio, exact match (with the
+    thresholds and the reference's exact match as lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["candidates"])
+    th = report["thresholds"]
+    cands = report["candidates"]
+    panels = [
+        ("mean KLD (lower is better)", [cands[n]["all"]["mean_kld"] for n in names],
+         th["max_kld"], "max"),
+        ("top-1 agreement", [cands[n]["all"]["top1"] for n in names], th["min_top1"], "min"),
+        ("perplexity ratio", [cands[n]["all"]["ppl_ratio"] for n in names],
+         th["max_ppl_ratio"], "max"),
+        ("task exact match", [cands[n]["task"]["exact_match"] for n in names],
+         report["reference"]["task"]["exact_match"], "reference"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(4 + 1.6 * 4 * max(1, len(names)) ** 0.5, 3.6))
+    for ax, (title, values, line, kind) in zip(axes, panels):
+        colors = ["#d62728" if report["failures"][n] else "#2ca02c" for n in names]
+        ax.bar(range(len(names)), values, color=colors)
+        ax.axhline(line, color="black", linestyle="--", linewidth=1, label=kind)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("edgeqlora parity: export vs trained model", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machine() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+
+
+def _candidate_names(paths: Sequence[Path]) -> list[str]:
+    names, seen = [], {}
+    for p in paths:
+        base = p.name if p.is_dir() else p.stem
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str | Path,
+               cfg=None, *, examples: int | None = None, text_tokens: int | None = None,
+               max_new_tokens: int = 64, n_threads: int | None = None, force: bool = False,
+               progress: bool = True, reference_model: Reference | None = None,
+               ) -> dict[str, Any]:
+    """Compare each candidate export with the trained adapter; write ``parity.json``,
+    ``parity.md`` and ``parity.png`` into ``out``; raise ParityError if any candidate fails.
+
+    ``cfg`` is a ``Config`` (its ``parity`` section is used) or a ``ParityConfig``; default
+    thresholds otherwise. ``reference_model`` replaces the torch reference (tests).
+    """
+    from . import runtimes
+    from .artifacts import atomic_dir, prepare_output, read_manifest, versions
+    from .config import Config, ParityConfig
+
+    pcfg = cfg.parity if isinstance(cfg, Config) else (cfg or ParityConfig())
+    thresholds = thresholds_from(pcfg)
+    examples = pcfg.eval_examples if examples is None else examples
+    text_tokens = pcfg.text_tokens if text_tokens is None else text_tokens
+    if examples < 1 or text_tokens < 0 or max_new_tokens < 1:
+        raise InputError(f"examples={examples} must be >= 1, text_tokens={text_tokens} >= 0, "
+                         f"max_new_tokens={max_new_tokens} >= 1")
+    if not candidates:
+        raise InputError("give at least one --candidate export to compare")
+    cand_paths = [Path(c) for c in candidates]
+    out = prepare_output(out, force=force, what="parity report")
+    manifest = read_manifest(reference, kind="adapter")
+    task = task_set(manifest, examples)
+
+    say = _progress_printer(progress)
+    # Cheap failures first: every candidate must load before the reference is built.
+    loaded: dict[str, Any] = {}
+    try:
+        for name, path in zip(_candidate_names(cand_paths), cand_paths):
+            say(f"loading candidate {name}")
+            # Default context: 2048 tokens or the model's own if shorter; sequences here are at
+            # most TEXT_CHUNK / TASK_MAX_LEN + max_new_tokens long.
+            kwargs: dict[str, Any] = {}
+            if n_threads:
+                kwargs["n_threads"] = n_threads
+            loaded[name] = runtimes.load(path, **kwargs)
+        say("loading the trained reference (NF4 base + adapter)")
+        ref = reference_model if reference_model is not None else TorchReference(reference)
+        text_seqs = english_sequences(ref.tokenize, text_tokens) if text_tokens else []
+        start = time.perf_counter()
+        report = compare(ref, loaded, task, text_seqs, max_new_tokens, say)
+    finally:
+        for rt in loaded.values():
+            rt.close()
+    report["thresholds"] = thresholds
+    report["failures"] = gate(report, thresholds)
+    report["passed"] = not any(report["failures"].values())
+    report["settings"] = {"reference": str(reference),
+                          "candidates": {n: str(p) for n, p in
+                                         zip(report["candidates"], cand_paths)},
+                          "examples": len(task.conversations), "text_tokens":
+                          sum(len(s) for s in text_seqs), "max_new_tokens": max_new_tokens,
+                          "seconds": round(time.perf_counter() - start, 1)}
+    report["machine"] = _machine()
+    report["versions"] = versions("edgeqlora", "torch", "transformers", "peft", "bitsandbytes",
+                                  "llama_cpp_python", "numpy")
+    with atomic_dir(out, force=force, what="parity report") as tmp:
+        (tmp / "parity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        (tmp / "parity.md").write_text(markdown(report))
+        try:
+            plot(report, tmp / "parity.png")
+        except ImportError:
+            say("matplotlib is not installed: no parity.png (pip install 'edgeqlora[plot]')")
+    if not report["passed"]:
+        failing = "; ".join(f"{n}: {', '.join(p)}" for n, p in report["failures"].items() if p)
+        raise ParityError(f"parity gate failed ({failing}); report in {out}/parity.md")
+    return report
+
+
+def _progress_printer(enabled: bool) -> Callable[[str], None]:
+    if not enabled:
+        return lambda msg: None
+    last = {"t": 0.0, "prefix": None}
+
+    def say(msg: str) -> None:
+        # Throttled one-line progress on stderr: per-example messages at most 4 times a second.
+        now = time.monotonic()
+        prefix = msg.split(":")[0]
+        if prefix == last["prefix"] and now - last["t"] < 0.25:
+            return
+        last["t"], last["prefix"] = now, prefix
+        print(f"parity: {msg}", file=sys.stderr, flush=True)
+
+    return say

@@ -1,0 +1,337 @@
+"""What every runtime shares: the interface, argument checks, text streaming with stop strings.
+
+A backend (``gguf.py``, later ``onnx.py``) subclasses :class:`Runtime` and supplies five small
+things: ``tokenize``, ``detokenize``, ``logits``, ``_token_stream`` (token ids from a prompt, the
+backend's own sampler) and ``_piece`` / ``_is_eog`` (the bytes of one token, end-of-generation
+ids). Everything users call on top of that (``generate``, ``chat``, streaming, stop strings,
+finish reasons, token counts) is written once here so that all formats behave the same.
+
+One runtime object holds one model context and is not thread-safe: a server serialises requests.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from edgeqlora.errors import InputError
+
+from .chat_template import ChatTemplate
+
+# Refuse absurd requests before they reach C code: a typo like max_new_tokens=10**9 should fail
+# with a message, not allocate.
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp / onnxruntime: every core this process may use except one.
+
+    Why not all of them: llama.cpp's worker threads meet at a spinning barrier after every op, so
+    one thread preempted by another process stalls all of them. Measured on a 2-core machine with
+    the 135M Q4_1 model: 2 threads decode ~120-137 tok/s when idle but ~13 tok/s as soon as
+    another process holds a core, while 1 thread keeps ~118 tok/s. Decoding is memory-bandwidth
+    bound, so the last core adds little even when idle. ``EDGEQLORA_THREADS`` overrides.
+    """
+    env = os.environ.get("EDGEQLORA_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise InputError(f"EDGEQLORA_THREADS={env!r} is not an integer") from None
+        if value < 1:
+            raise InputError(f"EDGEQLORA_THREADS={value} must be >= 1")
+        return value
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+@dataclasses.dataclass
+class Completion:
+    """The result of one generation; ``finish_reason`` is "stop" (EOS or a stop string) or
+    "length" (max_new_tokens or the context window)."""
+
+    text: str = ""
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # The generated ids (without the end-of-generation token); re-tokenizing ``text`` need not
+    # give them back.
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Checked sampling settings. temperature 0 is greedy; top_k 0 and top_p 1 disable them."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def check_sampling(max_new_tokens: Any = 256, temperature: Any = 0.0, top_p: Any = 1.0,
+                   top_k: Any = 0, seed: Any = None, stop: Any = None) -> Sampling:
+    """Validate user-facing generation arguments; every problem is named in one InputError."""
+    problems = []
+
+    def number(name, value, kind):
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
+                                                      else int):
+            problems.append(f"{name}={value!r} must be {'a number' if kind is float else 'an integer'}")
+            return None
+        if kind is float and not math.isfinite(value):
+            problems.append(f"{name}={value!r} must be finite")
+            return None
+        return kind(value)
+
+    n = number("max_new_tokens", max_new_tokens, int)
+    if n is not None and not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
+        problems.append(f"max_new_tokens={n} must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    t = number("temperature", temperature, float)
+    if t is not None and t < 0:
+        problems.append(f"temperature={t} must be >= 0 (0 = greedy)")
+    p = number("top_p", top_p, float)
+    if p is not None and not 0 < p <= 1:
+        problems.append(f"top_p={p} must be in (0, 1]")
+    k = number("top_k", top_k, int)
+    if k is not None and k < 0:
+        problems.append(f"top_k={k} must be >= 0 (0 = off)")
+    if seed is not None:
+        s = number("seed", seed, int)
+        if s is not None and not 0 <= s < 2**32:
+            problems.append(f"seed={s} must be in [0, 2**32)")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        problems.append(f"stop={stop!r} must be a string or a list of strings")
+        stops = ()
+    if any(s == "" for s in stops):
+        problems.append("stop strings must not be empty")
+    if problems:
+        raise InputError("; ".join(problems))
+    return Sampling(max_new_tokens=n, temperature=t, top_p=p, top_k=k,
+                    seed=None if seed is None else int(seed), stop=stops)
+
+
+class StopStream:
+    """Turn a stream of token bytes into text pieces, cutting at the first stop string.
+
+    Bytes go through an incremental UTF-8 decoder, so a character split over two tokens is
+    emitted whole. Text that could be the start of a stop string is held back until it is clear
+    it is not one, so a streamed answer never shows part of a stop string and always equals the
+    non-streamed one.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(stop)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self.stopped = False
+
+    def _holdback(self, text: str) -> int:
+        # Longest suffix of text that is a proper prefix of some stop string.
+        best = 0
+        for s in self.stop:
+            for i in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:i]):
+                    best = i
+                    break
+        return best
+
+    def feed(self, data: bytes) -> str:
+        """Text that is safe to emit after ``data``; sets ``stopped`` at a stop string."""
+        if self.stopped:
+            return ""
+        text = self._held + self._decoder.decode(data)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return text[:cut]
+        keep = self._holdback(text)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        """The held-back text once generation has ended without a stop string."""
+        if self.stopped:
+            return ""
+        text = self._held + self._decoder.decode(b"", final=True)
+        self._held = ""
+        return text
+
+
+class Runtime:
+    """One loaded export. Subclasses set ``name``, ``path``, ``vocab_size``, ``n_ctx``,
+    ``chat_template`` and implement the backend methods below."""
+
+    name = "base"
+    path: Path
+    vocab_size: int
+    n_ctx: int
+    chat_template: ChatTemplate | None = None
+
+    # -- backend methods -----------------------------------------------------------------------
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special=True`` turns control-token text into those tokens
+        (as HF tokenizers do). No BOS/EOS is added."""
+        raise NotImplementedError
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``special=True``."""
+        raise NotImplementedError
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position: float32 ``[len(token_ids), vocab_size]``."""
+        raise NotImplementedError
+
+    def _token_stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+        raise NotImplementedError
+
+    def _piece(self, token: int) -> bytes:
+        raise NotImplementedError
+
+    def _is_eog(self, token: int) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def check_ids(self, token_ids: Any, what: str = "token_ids") -> list[int]:
+        if isinstance(token_ids, np.ndarray):
+            token_ids = token_ids.tolist()
+        if not isinstance(token_ids, (list, tuple)) or not token_ids:
+            raise InputError(f"{what} must be a non-empty list of token ids")
+        ids = []
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise InputError(f"{what} holds {t!r}, not an integer token id")
+            if not 0 <= int(t) < self.vocab_size:
+                raise InputError(f"{what} holds token id {int(t)}, outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+            ids.append(int(t))
+        if len(ids) > self.n_ctx:
+            raise InputError(f"{what} has {len(ids)} tokens, more than the context window "
+                             f"n_ctx={self.n_ctx}; load the export with a larger n_ctx")
+        return ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]],
+                    add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The prompt string of ``messages`` under the model's own chat template."""
+        if self.chat_template is None:
+            raise InputError(f"{self.path} has no chat template (GGUF key "
+                             "tokenizer.chat_template or chat_template.jinja); use generate() "
+                             "with a plain prompt")
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]],
+                 add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Token ids of the rendered chat, as ``apply_chat_template(tokenize=True)`` gives."""
+        return self.tokenize(self.render_chat(messages, add_generation_prompt, **kwargs),
+                             special=True)
+
+    def complete(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 result: Completion | None = None) -> Iterator[str]:
+        """Stream text pieces; fills ``result`` (finish reason, token counts) as it goes."""
+        sampling = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("the prompt is empty")
+            ids = self.tokenize(prompt, special=True)
+        else:
+            ids = self.check_ids(prompt, "prompt")
+        if len(ids) >= self.n_ctx:
+            raise InputError(f"the prompt has {len(ids)} tokens; the context window is "
+                             f"n_ctx={self.n_ctx}, which leaves no room to generate")
+        result = result if result is not None else Completion()
+        result.prompt_tokens = len(ids)
+        return self._complete(ids, sampling, result)
+
+    def _complete(self, ids: list[int], sampling: Sampling, result: Completion) -> Iterator[str]:
+        budget = min(sampling.max_new_tokens, self.n_ctx - len(ids))
+        stream = StopStream(sampling.stop)
+        result.finish_reason = "length"
+        result.token_ids = []
+        pieces = []
+        tokens = self._token_stream(ids, sampling)
+        try:
+            for n, token in enumerate(tokens):
+                if self._is_eog(token):
+                    result.finish_reason = "stop"
+                    break
+                result.completion_tokens = n + 1
+                result.token_ids.append(int(token))
+                text = stream.feed(self._piece(token))
+                if text:
+                    pieces.append(text)
+                    yield text
+                if stream.stopped:
+                    result.finish_reason = "stop"
+                    break
+                if n + 1 >= budget:
+                    break
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+        tail = stream.flush()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        result.text = "".join(pieces)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 stream: bool = False):
+        """Continue ``prompt`` (text, tokenized with special tokens, or token ids).
+
+        Returns the generated text, or with ``stream=True`` an iterator of text pieces whose
+        concatenation is that text. Greedy by default; with ``temperature > 0`` the same
+        ``seed`` gives the same text.
+        """
+        pieces = self.complete(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        return pieces if stream else "".join(pieces)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, stop: str | Sequence[str] | None = None,
+             stream: bool = False):
+        """Apply the model's chat template (with the assistant prompt) and generate the reply."""
+        prompt_ids = self.chat_ids(messages, add_generation_prompt=True)
+        return self.generate(prompt_ids, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                             stop=stop, stream=stream)
+
+    def info(self) -> dict[str, Any]:
+        """What a status page or a manifest shows about this runtime."""
+        return {"runtime": self.name, "path": str(self.path), "vocab_size": self.vocab_size,
+                "n_ctx": self.n_ctx, "chat_template": self.chat_template is not None}

@@ -1,0 +1,298 @@
+"""GGUF runtime on llama-cpp-python: tokenize, chat template, streaming generation, logits.
+
+Generation uses llama.cpp's own sampler chain (``Llama.generate``); the text side (UTF-8 pieces,
+stop strings, finish reasons) is the shared loop in ``base.py``. ``Llama.create_completion`` is
+not used: it re-detokenizes the whole completion after every token (quadratic) and its
+per-token buffer is 32 bytes, which truncates long tokens.
+
+Sampling is plain: top-k, top-p, temperature, no min-p and no repetition penalty, so that
+temperature 0 is exactly the argmax of the model's logits, what the parity gate compares.
+
+Logits for every position (the parity gate's input) are decoded through llama.cpp's batch API
+with an output flag on every token, chunk by chunk. ``Llama(logits_all=True)`` would do it too,
+but it keeps an ``n_ctx x vocab`` float32 array alive for the model's whole life (400 MB for a
+2048 context and a 49k vocabulary) even when no one asks for logits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from edgeqlora.errors import InputError, MissingDependencyError, require
+
+from .base import Runtime, Sampling, default_threads
+from .chat_template import ChatTemplate
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_N_CTX = 2048
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _llama_cpp():
+    try:
+        return require("llama_cpp", "gguf", "Running a GGUF export")
+    except MissingDependencyError:
+        raise
+    except Exception as exc:  # the shared library failed to load (wrong CPU, missing libc...)
+        raise MissingDependencyError(f"llama-cpp-python is installed but does not load: {exc}; "
+                                     "reinstall it with: pip install --force-reinstall "
+                                     "'edgeqlora[gguf]'") from None
+
+
+class GGUFRuntime(Runtime):
+    """A GGUF model in llama.cpp.
+
+    ``tokenizer`` is an optional mapping with ``chat_template`` and special-token strings taken
+    from the export directory's tokenizer files; what is missing comes from the GGUF metadata.
+    ``prompt_cache=True`` reuses the KV cache of a prompt prefix shared with the previous call
+    (faster multi-turn chat) at the price of answers that may depend on call order (see
+    ``_token_stream``).
+    """
+
+    name = "gguf"
+
+    def __init__(self, model_path: str | Path, n_ctx: int | None = None,
+                 n_threads: int | None = None, lora_path: str | Path | None = None,
+                 lora_scale: float = 1.0, tokenizer: Mapping[str, Any] | None = None,
+                 n_batch: int = 512, prompt_cache: bool = False):
+        llama_cpp = _llama_cpp()
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path} does not exist")
+        if not is_gguf(self.path):
+            raise InputError(f"{self.path} is not a GGUF file (its first bytes are not 'GGUF')")
+        if lora_path is not None:
+            lora_path = Path(lora_path)
+            if not is_gguf(lora_path):
+                raise InputError(f"LoRA adapter {lora_path} is missing or not a GGUF file; "
+                                 "convert a PEFT adapter with llama.cpp's "
+                                 "convert_lora_to_gguf.py")
+        self.n_threads = int(n_threads) if n_threads else default_threads()
+        if self.n_threads < 1:
+            raise InputError(f"n_threads={n_threads} must be >= 1")
+        requested_ctx = DEFAULT_N_CTX if n_ctx is None else int(n_ctx)
+        if requested_ctx < 16:
+            raise InputError(f"n_ctx={n_ctx} is too small (need >= 16 tokens)")
+
+        def open_llama(ctx: int):
+            # llama.cpp prints some warnings even with verbose=False (e.g. a context longer
+            # than the trained one); loading is silent, failures come back as exceptions.
+            from llama_cpp._utils import suppress_stdout_stderr
+
+            try:
+                with suppress_stdout_stderr(disable=False):
+                    return llama_cpp.Llama(
+                        model_path=str(self.path), n_ctx=ctx, n_batch=n_batch,
+                        n_ubatch=n_batch, n_threads=self.n_threads,
+                        n_threads_batch=self.n_threads,
+                        lora_path=str(lora_path) if lora_path else None,
+                        lora_scale=lora_scale, logits_all=False, verbose=False)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise InputError(f"llama.cpp could not load {self.path} ({exc}); the file is "
+                                 "truncated, corrupt or of an architecture this "
+                                 "llama-cpp-python does not know") from None
+
+        self._llm = open_llama(requested_ctx)
+        trained_ctx = int(self._llm._model.n_ctx_train())
+        if 0 < trained_ctx < requested_ctx:
+            # Past its trained context a model degrades; the default shrinks to fit (rare: a
+            # second load), an explicit request is refused.
+            self._llm.close()
+            if n_ctx is not None:
+                raise InputError(f"n_ctx={n_ctx} is larger than the context {self.path.name} "
+                                 f"was trained for ({trained_ctx} tokens)")
+            self._llm = open_llama(trained_ctx)
+        self._lib = llama_cpp
+        self._vocab = self._llm._model.vocab
+        self.vocab_size = int(self._llm.n_vocab())
+        self.n_ctx = int(self._llm.n_ctx())
+        self.metadata = dict(self._llm.metadata)
+        self.lora_path = lora_path
+        self.prompt_cache = bool(prompt_cache)
+        tokenizer = dict(tokenizer or {})
+        self.special_tokens = self._special_tokens(tokenizer)
+        source = tokenizer.get("chat_template") or self.metadata.get("tokenizer.chat_template")
+        origin = tokenizer.get("chat_template_origin") or (
+            f"{self.path.name}: tokenizer.chat_template")
+        self.chat_template = ChatTemplate(source, self.special_tokens, origin) if source else None
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def _special_tokens(self, tokenizer: Mapping[str, Any]) -> dict[str, str]:
+        # apply_chat_template passes the tokenizer's named special tokens to the template; the
+        # GGUF records their ids (tokenizer.ggml.<name>_token_id), the export dir their strings.
+        out = {}
+        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                          ("pad_token", "padding"), ("sep_token", "seperator"),
+                          ("cls_token", "cls"), ("mask_token", "mask")):
+            if tokenizer.get(name):
+                out[name] = str(tokenizer[name])
+                continue
+            raw = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
+            if raw is not None and raw.lstrip("-").isdigit() and 0 <= int(raw) < self.vocab_size:
+                out[name] = self._llm._model.token_get_text(int(raw))
+        return out
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise InputError(f"tokenize() takes a string, got {type(text).__name__}")
+        if not text:
+            return []
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        ids = [int(t) for t in ids]
+        if not ids:
+            return ""
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise InputError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        arr = (self._lib.llama_token * len(ids))(*ids)
+        size = max(64, 8 * len(ids))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_detokenize(self._vocab, arr, len(ids), buf, size,
+                                           False, special)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n + 1
+        raise RuntimeError("llama_detokenize kept asking for a larger buffer")
+
+    def _piece(self, token: int) -> bytes:
+        # Like llama.cpp's server: the bytes of each token, special tokens not rendered.
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf,
+                                           len(self._piece_buf), 0, False)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n + 16)
+            n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf,
+                                               len(self._piece_buf), 0, False)
+        return self._piece_buf.raw[:n]
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _token_stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+        if sampling.temperature > 0:
+            # None -> a fresh random seed, as llama.cpp does.
+            seed = sampling.seed if sampling.seed is not None else int(
+                np.random.default_rng().integers(0, 2**32 - 1))
+            self._llm.set_seed(seed)
+        if not self.prompt_cache:
+            # Llama.generate would reuse the KV cache of the longest common prefix with the
+            # previous call and re-decode only the rest. ggml's single-token kernels round
+            # differently from its batched ones (~0.15 logits measured on the embedded Q4_1), so
+            # the same prompt could then give a different greedy answer depending on what ran
+            # before it. Decoding every prompt from scratch makes answers reproducible.
+            self._llm.reset()
+        # top_k 0 means "off" for us and for llama.cpp (k <= 0 keeps the whole vocabulary).
+        return self._llm.generate(prompt_ids, top_k=sampling.top_k, top_p=sampling.top_p,
+                                  min_p=0.0, typical_p=1.0, temp=sampling.temperature,
+                                  repeat_penalty=1.0, frequency_penalty=0.0,
+                                  presence_penalty=0.0)
+
+    def reset(self) -> None:
+        """Forget the cached prompt (benchmarks use this to time prefill from scratch)."""
+        self._llm.reset()
+
+    # -- parity --------------------------------------------------------------------------------
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = self.check_ids(token_ids)
+        llm = self._llm
+        llm.reset()
+        # Llama's private context and batch objects: the public API has no "logits for every
+        # position" without logits_all (see the module docstring). Checked by the tests.
+        ctx, batch = llm._ctx, llm._batch
+        ctx.kv_cache_seq_rm(-1, 0, -1)
+        out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
+        step = llm.n_batch
+        try:
+            for start in range(0, len(ids), step):
+                chunk = ids[start:start + step]
+                batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                ctx.decode(batch)
+                rows = np.ctypeslib.as_array(ctx.get_logits(),
+                                             shape=(len(chunk) * self.vocab_size,))
+                out[start:start + len(chunk)] = rows.reshape(len(chunk), self.vocab_size)
+        finally:
+            # The next generate() starts from an empty cache: eval() clears it from n_tokens=0.
+            llm.reset()
+            ctx.kv_cache_seq_rm(-1, 0, -1)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "n_threads": self.n_threads,
+                "architecture": self.metadata.get("general.architecture"),
+                "file_type": self.metadata.get("general.file_type"),
+                "size_bytes": self.path.stat().st_size,
+                "lora": str(self.lora_path) if self.lora_path else None}
+
+    def close(self) -> None:
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
+            self._llm = None
+
+
+def load_gguf(model_path: Path, export_dir: Path | None = None,
+              manifest: Mapping[str, Any] | None = None, **kwargs: Any) -> GGUFRuntime:
+    """The loader ``runtimes.load`` calls for ``target: gguf`` (or a bare .gguf file)."""
+    tokenizer = read_tokenizer_files(export_dir) if export_dir is not None else {}
+    return GGUFRuntime(model_path, tokenizer=tokenizer, **kwargs)
+
+
+def read_tokenizer_files(export_dir: Path) -> dict[str, Any]:
+    """Chat template and special-token strings from an export dir's HF tokenizer files.
+
+    Precedence as in transformers: ``chat_template.jinja`` over the ``chat_template`` key of
+    ``tokenizer_config.json``; special tokens from ``tokenizer_config.json`` then
+    ``special_tokens_map.json``.
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        p = export_dir / name
+        if not p.is_file():
+            continue
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{p} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{p} must hold a JSON object")
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
+                    "cls_token", "mask_token"):
+            value = data.get(key)
+            if isinstance(value, dict):  # serialized AddedToken
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                out[key] = value
+        template = data.get("chat_template")
+        if isinstance(template, str) and template:
+            out["chat_template"] = template
+            out["chat_template_origin"] = f"{p}: chat_template"
+        elif isinstance(template, list):  # named templates: transformers uses "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if named.get("default"):
+                out["chat_template"] = named["default"]
+                out["chat_template_origin"] = f"{p}: chat_template[default]"
+    jinja = export_dir / "chat_template.jinja"
+    if jinja.is_file():
+        out["chat_template"] = jinja.read_text(encoding="utf-8")
+        out["chat_template_origin"] = str(jinja)
+    return out

@@ -1,0 +1,361 @@
+"""An OpenAI-compatible HTTP server over any runtime: a small Starlette (ASGI) app.
+
+Endpoints: ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events, as the
+OpenAI API does), ``POST /v1/completions``, ``GET /v1/models``, ``GET /health`` and a minimal web
+chat page at ``/``. Written over our runtime interface rather than llama-cpp-python's server so
+that one server serves every export format with the same chat template handling.
+
+Robustness rules: the request body is read up to ``max_body_bytes`` and refused beyond it (413);
+``max_tokens`` above the server's limit, bad JSON or fields of the wrong type answer 400 with an
+OpenAI-style error object; an unexpected failure answers 500 and the server keeps running.
+
+The runtime is not thread-safe, so generation runs in a worker thread holding a lock: requests
+are served one at a time, in order. A streaming client that disconnects stops its generation
+at the next token, which releases the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Mapping
+
+from edgeqlora.errors import EdgeQloraError, InputError, require
+
+from .base import Completion, Runtime, check_sampling
+from .webchat import PAGE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_TOKENS_LIMIT = 1024
+DEFAULT_MAX_TOKENS = 256
+
+
+class RequestError(Exception):
+    """A client mistake: answered with ``status`` and an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _text_content(content: Any, where: str) -> str:
+    # OpenAI allows content as a list of parts; text parts are joined, anything else refused.
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                raise RequestError(f"{where}[{i}] is not a text part; this model takes text only",
+                                   param="messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(f"{where} must be a string or a list of text parts", param="messages")
+
+
+class ServerState:
+    """The runtime, its lock and the limits, shared by all requests."""
+
+    def __init__(self, runtime: Runtime, model_id: str, max_body_bytes: int,
+                 max_tokens_limit: int):
+        self.runtime = runtime
+        self.model_id = model_id
+        self.max_body_bytes = max_body_bytes
+        self.max_tokens_limit = max_tokens_limit
+        self.lock = threading.Lock()
+        self.started = int(time.time())
+
+    def sampling(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) \
+                and max_tokens > self.max_tokens_limit:
+            raise RequestError(f"max_tokens={max_tokens} is above this server's limit of "
+                               f"{self.max_tokens_limit} (edgeqlora serve --max-tokens)",
+                               param="max_tokens")
+        n = body.get("n", 1)
+        if n != 1:
+            raise RequestError(f"n={n!r}: this server returns one choice per request",
+                               param="n")
+        kwargs = {"max_new_tokens": max_tokens,
+                  "temperature": body.get("temperature", 0.0),
+                  "top_p": body.get("top_p", 1.0),
+                  "top_k": body.get("top_k", 0),
+                  "seed": body.get("seed"),
+                  "stop": body.get("stop")}
+        # OpenAI clients send explicit nulls for "use the default".
+        defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+        for key, value in defaults.items():
+            if kwargs[key] is None:
+                kwargs[key] = value
+        try:
+            check_sampling(**kwargs)
+        except InputError as exc:
+            raise RequestError(str(exc)) from None
+        return kwargs
+
+    async def run(self, prompt_ids: list[int], kwargs: dict[str, Any],
+                  result: Completion) -> AsyncIterator[str]:
+        """Text pieces from a worker thread that holds the runtime lock."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def post(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop has gone away (server shutting down)
+                cancel.set()
+
+        def work():
+            with self.lock:
+                try:
+                    if cancel.is_set():
+                        return
+                    for piece in self.runtime.complete(prompt_ids, result=result, **kwargs):
+                        post(("piece", piece))
+                        if cancel.is_set():
+                            break
+                    post(("done", None))
+                except BaseException as exc:  # handed to the request, never lost
+                    post(("error", exc))
+
+        loop.run_in_executor(None, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "done":
+                    return
+                else:
+                    raise value
+        finally:
+            cancel.set()
+
+
+def _chat_prompt(state: ServerState, body: Mapping[str, Any]) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects",
+                           param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise RequestError(f"messages[{i}] must be an object", param="messages")
+        clean.append({**m, "content": _text_content(m.get("content"),
+                                                    f"messages[{i}].content")})
+    try:
+        ids = state.runtime.chat_ids(clean, add_generation_prompt=True)
+    except InputError as exc:
+        raise RequestError(str(exc), param="messages") from None
+    return ids
+
+
+def _completion_prompt(state: ServerState, body: Mapping[str, Any]) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("'prompt' must be a non-empty string", param="prompt")
+    return state.runtime.tokenize(prompt, special=True)
+
+
+def _check_room(state: ServerState, ids: list[int]) -> None:
+    if len(ids) >= state.runtime.n_ctx:
+        raise RequestError(f"the prompt has {len(ids)} tokens; the context window is "
+                           f"{state.runtime.n_ctx}", param="messages")
+
+
+def create_app(runtime: Runtime, model_id: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
+    """The ASGI app serving ``runtime``. Needs ``pip install 'edgeqlora[serve]'``."""
+    require("starlette", "serve", "edgeqlora serve")
+    from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    if max_body_bytes < 1024:
+        raise InputError(f"max_body_bytes={max_body_bytes} is too small (>= 1024)")
+    if max_tokens_limit < 1:
+        raise InputError(f"max_tokens_limit={max_tokens_limit} must be >= 1")
+    state = ServerState(runtime, model_id or runtime.path.stem, max_body_bytes,
+                        max_tokens_limit)
+
+    def error(exc: RequestError) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        return JSONResponse(_error_body(str(exc), kind, exc.param), status_code=exc.status)
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise RequestError("bad Content-Length header")
+            if int(declared) > state.max_body_bytes:
+                raise RequestError(f"request body of {declared} bytes is above the limit of "
+                                   f"{state.max_body_bytes}", status=413)
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > state.max_body_bytes:
+                    raise RequestError(f"request body is above the limit of "
+                                       f"{state.max_body_bytes} bytes", status=413)
+        except ClientDisconnect:
+            raise RequestError("client disconnected", status=400) from None
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RequestError(f"request body is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise RequestError("request body must be a JSON object")
+        return data
+
+    def guarded(handler):
+        async def endpoint(request: Request):
+            try:
+                return await handler(request)
+            except RequestError as exc:
+                return error(exc)
+            except EdgeQloraError as exc:
+                return error(RequestError(str(exc), status=400))
+            except Exception:  # never take the server down; the traceback goes to the log
+                log.exception("request failed")
+                return error(RequestError("internal error while generating; see the server "
+                                          "log", status=500))
+        return endpoint
+
+    def sse(data: Any) -> str:
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def respond(request: Request, chat: bool):
+        body = await read_json(request)
+        kwargs = state.sampling(body)
+        ids = _chat_prompt(state, body) if chat else _completion_prompt(state, body)
+        _check_room(state, ids)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("'stream' must be true or false", param="stream")
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        result = Completion()
+        obj = "chat.completion" if chat else "text_completion"
+
+        def usage():
+            return {"prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+        if not stream:
+            text = "".join([p async for p in state.run(ids, kwargs, result)])
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": result.finish_reason} if chat else
+                      {"index": 0, "text": text, "finish_reason": result.finish_reason,
+                       "logprobs": None})
+            return JSONResponse({"id": rid, "object": obj, "created": created,
+                                 "model": state.model_id, "choices": [choice],
+                                 "usage": usage()})
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
+            if isinstance(body.get("stream_options"), dict) else False
+
+        def chunk(delta: dict | str, finish: str | None) -> dict[str, Any]:
+            choice = ({"index": 0, "delta": delta, "finish_reason": finish} if chat else
+                      {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None})
+            return {"id": rid, "object": chunk_obj, "created": created,
+                    "model": state.model_id, "choices": [choice]}
+
+        async def events():
+            try:
+                if chat:
+                    yield sse(chunk({"role": "assistant", "content": ""}, None))
+                async for piece in state.run(ids, kwargs, result):
+                    yield sse(chunk({"content": piece} if chat else piece, None))
+                yield sse(chunk({} if chat else "", result.finish_reason))
+                if include_usage:
+                    yield sse({"id": rid, "object": chunk_obj, "created": created,
+                               "model": state.model_id, "choices": [], "usage": usage()})
+            except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                message = str(exc) if isinstance(exc, EdgeQloraError) else \
+                    "internal error while generating; see the server log"
+                if not isinstance(exc, EdgeQloraError):
+                    log.exception("streaming request failed")
+                yield sse(_error_body(message, "server_error"))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    async def chat_completions(request: Request):
+        return await respond(request, chat=True)
+
+    async def completions(request: Request):
+        return await respond(request, chat=False)
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": state.model_id, "object": "model", "created": state.started,
+             "owned_by": "edgeqlora", "meta": runtime.info()}]})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "model": state.model_id,
+                             "runtime": runtime.name, "busy": state.lock.locked()})
+
+    async def page(request: Request):
+        return HTMLResponse(PAGE.replace("{{MODEL}}", _html_escape(state.model_id)))
+
+    routes = [
+        Route("/", guarded(page), methods=["GET"]),
+        Route("/health", guarded(health), methods=["GET"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.edgeqlora = state
+    return app
+
+
+def _html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 8080,
+          model_id: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info") -> None:
+    """Run the server until interrupted (uvicorn, one process)."""
+    uvicorn = require("uvicorn", "serve", "edgeqlora serve")
+    app = create_app(runtime, model_id, max_body_bytes, max_tokens_limit)
+    if not 0 <= port <= 65535:
+        raise InputError(f"port {port} is not in 0..65535")
+    # uvicorn logs a bind failure and calls sys.exit; bind once ourselves for a clear error.
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                         "(another server there? pick --port)") from None
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
