@@ -28,7 +28,7 @@ PAGE = """<!doctype html>
   button { font: inherit; padding: 0 1rem; }
   details { padding: 0 1rem .6rem; font-size: .9rem; }
   details input { width: 4.5rem; }
-  details textarea { width: 100%; min-height: 2rem; }
+  details textarea { width: 100%; min-height: 2rem; box-sizing: border-box; }
 </style>
 </head>
 <body>
