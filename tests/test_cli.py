@@ -59,3 +59,9 @@ def test_debug_shows_traceback():
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_bench_unknown_name_lists_available(capsys):
+    assert main(["bench", "no-such-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-bench" in err and "runtime" in err

@@ -1,0 +1,544 @@
+"""Merge a trained LoRA adapter into its base model, tensor by tensor, in fp32.
+
+``merge_adapter(adapter_dir, out_dir, merge_base=...)`` writes a plain Hugging Face checkpoint
+(safetensors, config, tokenizer, chat template) in which every targeted weight is
+``W' = W + s * B @ A`` with ``s = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA). Other exporters
+(GGUF, ONNX) start from that directory.
+
+Which ``W``? A QLoRA adapter was trained against the NF4 weights, not the 16-bit ones:
+
+- ``original``: the weights of the base checkpoint (what Unsloth merges into);
+- ``dequantized``: the NF4 weights dequantized exactly as bitsandbytes does in the trained model
+  (``quantize_4bit`` + ``dequantize_4bit`` with the manifest's block size, double quantization and
+  dtype) -- every quantized linear layer, targeted or not, because the trained model ran all of
+  them in NF4 (torchtune's choice);
+- ``auto``: both, each measured against the trained model (NF4 base + adapter, ``load_trained``)
+  on held-out tokens (mean KL divergence of next-token distributions); the better one is kept and
+  both figures are recorded.
+
+Streaming: the base is read one tensor at a time with ``safetensors.safe_open`` and the merged
+tensors are written one at a time, so peak memory is about the largest tensor plus buffers, not
+the model. The safetensors library only writes whole dicts, so ``_SafetensorsStreamWriter`` writes
+the (simple, documented) format itself: an 8-byte header length, a JSON header, then raw data.
+Reading it back goes through the library (tests do).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .artifacts import read_manifest, verify_files, write_manifest
+from .errors import ConfigError, InputError, ManifestError
+
+log = logging.getLogger(__name__)
+
+MERGE_BASES = ("auto", "original", "dequantized")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# Copied from the base (or the adapter, which wins: it holds what training used) into the merge.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# PEFT's state-dict keys: base_model.model.<module>.lora_A.weight etc.
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|"
+                       r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.weight)?$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the adapter
+
+
+@dataclass
+class LoraDelta:
+    """One adapted module: ``delta = scale * B @ A`` added to ``<module>.weight``."""
+
+    module: str
+    A: Any  # torch [r, in] (Linear) or [r, vocab] (Embedding)
+    B: Any  # torch [out, r] (Linear) or [dim, r] (Embedding)
+    scale: float
+    embedding: bool = False
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.module}.weight"
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self):
+        """``scale * B @ A`` in fp32, in the layout of the base weight."""
+        d = (self.B.float() @ self.A.float()) * self.scale
+        # PEFT's Embedding LoRA: lora_embedding_A [r, vocab], B [dim, r]; weight is [vocab, dim].
+        return d.T if self.embedding else d
+
+
+@dataclass
+class Adapter:
+    dir: Path
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    deltas: dict[str, LoraDelta]  # by base weight key
+    base_dir: Path
+    base_fingerprint: dict[str, Any]
+
+    @property
+    def quant(self) -> dict[str, Any]:
+        return self.manifest.get("quant", {})
+
+
+def _safetensors_error(path: Path, exc: Exception, what: str) -> InputError:
+    return InputError(f"{what} {path} cannot be read as safetensors ({exc}); the file is "
+                      "truncated or corrupt: copy or write it again")
+
+
+def _scale(cfg: dict[str, Any], module: str, rank: int) -> float:
+    """PEFT's scaling for ``module``: alpha/r (rsLoRA: alpha/sqrt(r)), with rank_pattern /
+    alpha_pattern overrides matched on the module name's suffix as PEFT does."""
+    alpha = float(cfg.get("lora_alpha", 8))
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+
+
+def read_adapter(adapter_dir: str | Path) -> Adapter:
+    """The adapter's manifest, PEFT config and LoRA matrices (fp32 on CPU), with its base
+    resolved and checked by weight hash."""
+    from safetensors import safe_open
+
+    from .base import base_fingerprint, resolve_base
+
+    adapter_dir = Path(adapter_dir)
+    manifest = read_manifest(adapter_dir, kind="adapter")
+    problems = verify_files(adapter_dir, manifest)
+    if problems:
+        raise ManifestError(f"adapter {adapter_dir} does not match its manifest: "
+                            f"{'; '.join(problems)}")
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not weights.is_file():
+        raise InputError(f"adapter {adapter_dir} has no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS}; "
+                         "is it a PEFT adapter written by edgeqlora train?")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA "
+                         "adapters can be merged")
+    if cfg.get("use_dora"):
+        raise InputError(f"{cfg_path}: DoRA adapters (use_dora=true) are not supported by the "
+                         "merge yet; train with lora.dora=false")
+
+    parts: dict[str, dict[str, Any]] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                m = _LORA_KEY.match(key)
+                if not m:
+                    raise InputError(f"{weights}: tensor {key!r} is not a LoRA matrix (full "
+                                     "modules_to_save copies are not supported by the merge)")
+                parts.setdefault(m["module"], {})[m["part"]] = f.get_tensor(key).float()
+    except InputError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError, not an OSError
+        raise _safetensors_error(weights, exc, "adapter weights") from None
+
+    deltas = {}
+    for module, p in sorted(parts.items()):
+        emb = "lora_embedding_A" in p
+        a = p.get("lora_embedding_A" if emb else "lora_A")
+        b = p.get("lora_embedding_B" if emb else "lora_B")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise InputError(f"{weights}: module {module} has no matching lora_A/lora_B pair "
+                             f"(found {sorted(p)})")
+        d = LoraDelta(module, a, b, _scale(cfg, module, int(a.shape[0])), embedding=emb)
+        deltas[d.weight_key] = d
+
+    base = manifest.get("base", {})
+    path = Path(base.get("path", ""))
+    if not (path / "config.json").is_file():
+        # Trained on another machine: resolve the spec again.
+        path = resolve_base(base.get("spec", "embedded"))
+    fp = base_fingerprint(path)
+    if base.get("weights_sha256") and fp["weights_sha256"] != base["weights_sha256"]:
+        raise ManifestError(
+            f"adapter {adapter_dir} was trained on base {base.get('spec')!r} with weights sha256 "
+            f"{base['weights_sha256'][:16]}..., but {path} has {fp['weights_sha256'][:16]}...; "
+            "merge with the base the adapter was trained on")
+    return Adapter(adapter_dir, manifest, cfg, deltas, Path(path), fp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the base, one tensor at a time
+
+
+def base_weight_files(base_dir: Path) -> list[Path]:
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text())["weight_map"].values()
+        return [base_dir / s for s in dict.fromkeys(sorted(shards))]
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"base model {base_dir} has no *.safetensors weights")
+    return files
+
+
+def tensor_specs(base_dir: Path) -> list[tuple[Path, str, list[int], str]]:
+    """(file, name, shape, safetensors dtype) of every base tensor, from headers only."""
+    specs = []
+    for path in base_weight_files(base_dir):
+        try:
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            size = path.stat().st_size
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise _safetensors_error(path, exc, "base weights") from None
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            specs.append((path, name, list(info["shape"]), info["dtype"]))
+            end = max(end, info["data_offsets"][1])
+        if 8 + n + end > size:
+            raise InputError(f"base weights {path} are truncated ({size} bytes, the header "
+                             f"describes {8 + n + end}); copy or convert the base model again")
+    return specs
+
+
+def iter_base_tensors(base_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(name, torch tensor) for every tensor of the base, one at a time."""
+    from safetensors import safe_open
+
+    for path in base_weight_files(base_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+            for name in names:
+                # Reopened per tensor: pages read through a mapping kept open stay resident, so
+                # RSS would grow to the model size (see exporters/gguf.py).
+                with safe_open(str(path), framework="pt") as f:
+                    tensor = f.get_tensor(name)
+                yield name, tensor
+        except InputError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise
+            raise _safetensors_error(path, exc, "base weights") from None
+
+
+def is_quantized_weight(name: str, shape) -> bool:
+    """Whether ``load_base`` holds this tensor in 4-bit: the 2-D weights of the decoder layers'
+    linear modules. Embeddings, norms and the output head stay in fp32 (transformers' bitsandbytes
+    integration skips the output embeddings; norms are not Linear)."""
+    return name.endswith(".weight") and len(shape) == 2 and ".layers." in name
+
+
+def nf4_roundtrip(weight, quant: dict[str, Any]):
+    """``weight`` as the trained model saw it: quantized to 4-bit by bitsandbytes with the
+    adapter's settings, dequantized back to fp32 (the same two calls Linear4bit makes)."""
+    import torch
+    import bitsandbytes.functional as bnbf
+
+    dtype = getattr(torch, quant.get("compute_dtype") or "float32", torch.float32)
+    q, state = bnbf.quantize_4bit(weight.to(dtype).contiguous(),
+                                  blocksize=int(quant.get("block_size") or 64),
+                                  compress_statistics=bool(quant.get("double_quant", True)),
+                                  quant_type=quant.get("quant", "nf4"))
+    return bnbf.dequantize_4bit(q, state).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing safetensors tensor by tensor
+
+
+class _SafetensorsStreamWriter:
+    """Write a safetensors file whose tensor names, shapes and dtypes are known up front, one
+    tensor at a time. Hand-written because the safetensors library only saves whole dicts; the
+    layout follows the format spec: u64 little-endian header size, JSON header (padded with
+    spaces to 8 bytes), then the tensors' bytes in header order."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, list[int]]], dtype: str):
+        import numpy as np
+
+        self.path = path
+        self.itemsize = np.dtype({"float32": "f4", "float16": "f2", "bfloat16": "u2"}[dtype]
+                                 ).itemsize
+        self.dtype = dtype
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self.order = []
+        for name, shape in specs:
+            nbytes = math.prod(shape) * self.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self.order.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.fh = open(path, "wb")
+        self.fh.write(len(raw).to_bytes(8, "little"))
+        self.fh.write(raw)
+        self.next = 0
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        want, nbytes = self.order[self.next]
+        assert name == want, (name, want)
+        data = tensor.detach().to(getattr(torch, self.dtype)).contiguous()
+        buf = data.reshape(-1).view(torch.uint8).numpy()
+        assert buf.nbytes == nbytes, (name, buf.nbytes, nbytes)
+        self.fh.write(memoryview(buf))
+        self.next += 1
+
+    def close(self) -> None:
+        self.fh.close()
+        assert self.next == len(self.order), "not every tensor was written"
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge
+
+
+@dataclass
+class MergeResult:
+    """What ``merge_adapter`` wrote and how it chose the base."""
+
+    out_dir: Path
+    merge_base: str  # the base used: original | dequantized
+    requested: str  # what was asked: auto | original | dequantized
+    kld: dict[str, float] = field(default_factory=dict)  # vs the trained model, per base measured
+    top1: dict[str, float] = field(default_factory=dict)
+    eval_tokens: int = 0
+    merged_modules: int = 0
+    dtype: str = "float32"
+    base: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+def check_fit(adapter: Adapter) -> None:
+    """Every LoRA delta must fit a base tensor; the message names both sides when not."""
+    shapes = {name: shape for _, name, shape, _ in tensor_specs(adapter.base_dir)}
+    spec = adapter.manifest.get("base", {}).get("spec", "?")
+    for key, d in adapter.deltas.items():
+        want = (int(d.A.shape[1]), int(d.B.shape[0])) if d.embedding else \
+            (int(d.B.shape[0]), int(d.A.shape[1]))
+        if key not in shapes:
+            raise ManifestError(
+                f"adapter {adapter.dir} (trained on base {spec!r}) adapts {key}, which base "
+                f"{adapter.base_dir} does not have; merge with the base it was trained on")
+        if tuple(shapes[key]) != want:
+            raise ManifestError(
+                f"adapter {adapter.dir} (trained on base {spec!r}) does not fit base "
+                f"{adapter.base_dir}: {key} is {list(shapes[key])} in the base, the adapter's "
+                f"delta is {list(want)}")
+
+
+def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = "float32",
+                 with_lora: bool = True, progress: bool = False) -> int:
+    """Stream the base through the merge into ``out_dir`` (which must exist). With
+    ``with_lora=False`` the base alone is written (original or dequantized): the base GGUF of an
+    adapter-only export. Returns the number of modules merged."""
+    import torch
+
+    if merge_base not in ("original", "dequantized"):
+        raise ConfigError(f"merge_base={merge_base!r} is not one of original, dequantized")
+    if dtype not in _ST_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(_ST_DTYPES)}")
+    specs = tensor_specs(adapter.base_dir)
+    writer = _SafetensorsStreamWriter(out_dir / "model.safetensors",
+                                      [(name, shape) for _, name, shape, _ in specs], dtype)
+    merged = 0
+    try:
+        with torch.no_grad():
+            for name, tensor in _progress(iter_base_tensors(adapter.base_dir), len(specs),
+                                          "merging", progress):
+                w = tensor.float()
+                if merge_base == "dequantized" and is_quantized_weight(name, w.shape):
+                    w = nf4_roundtrip(w, adapter.quant)
+                d = adapter.deltas.get(name) if with_lora else None
+                if d is not None:
+                    # fp32 add: in bf16 the low bits of a small delta would be lost.
+                    w = w + d.delta()
+                    merged += 1
+                writer.write(name, w)
+    except BaseException:
+        writer.fh.close()
+        raise
+    writer.close()
+    _copy_side_files(adapter, out_dir, dtype)
+    return merged
+
+
+def _progress(it, total: int, what: str, enabled: bool):
+    if not enabled:
+        yield from it
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        for item in it:
+            yield item
+            bar.advance(task)
+
+
+def _copy_side_files(adapter: Adapter, out_dir: Path, dtype: str) -> None:
+    cfg = json.loads((adapter.base_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = dtype
+    cfg.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for name in ("generation_config.json",):
+        if (adapter.base_dir / name).is_file():
+            shutil.copy(adapter.base_dir / name, out_dir / name)
+    for name in TOKENIZER_FILES:
+        src = adapter.dir / name if (adapter.dir / name).is_file() else adapter.base_dir / name
+        if src.is_file():
+            shutil.copy(src, out_dir / name)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str = "auto",
+                  dtype: str = "float32", eval_tokens: int = 2048, force: bool = False,
+                  progress: bool = False) -> MergeResult:
+    """Merge the adapter in ``adapter_dir`` into its base and write a Hugging Face checkpoint
+    to ``out_dir`` (atomically; ``force`` replaces an existing one). See the module docstring
+    for ``merge_base``. ``eval_tokens`` held-out tokens measure the bases under ``auto``."""
+    from .artifacts import atomic_dir, versions
+
+    if merge_base not in MERGE_BASES:
+        raise ConfigError(f"merge_base={merge_base!r} is not one of {', '.join(MERGE_BASES)}")
+    adapter = read_adapter(adapter_dir)
+    check_fit(adapter)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, force=force, what="merged model") as tmp:
+        result = _merge_into(adapter, tmp, merge_base, dtype, eval_tokens, progress)
+        result.out_dir = out_dir
+        write_manifest(tmp, "merged", {
+            "merge": {k: v for k, v in result.to_dict().items() if k != "out_dir"},
+            "adapter": {"path": str(adapter.dir.resolve()),
+                        "lora": adapter.manifest.get("lora"),
+                        "quant": adapter.quant},
+            "versions": versions("edgeqlora", "torch", "peft", "bitsandbytes", "safetensors"),
+        })
+    return result
+
+
+def _merge_into(adapter: Adapter, out: Path, merge_base: str, dtype: str, eval_tokens: int,
+                progress: bool) -> MergeResult:
+    """Write the merged checkpoint into the (existing, empty) directory ``out``."""
+    result = MergeResult(out, merge_base, merge_base, dtype=dtype,
+                         base={k: adapter.base_fingerprint.get(k) for k in
+                               ("id", "name", "weights_sha256", "model_type")})
+    if merge_base != "auto":
+        result.merged_modules = write_merged(adapter, out, merge_base, dtype, progress=progress)
+        return result
+    # auto: build both side by side, measure each against the trained model, keep the better.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as scratch:
+        cands = {}
+        for base in ("original", "dequantized"):
+            d = Path(scratch) / base
+            d.mkdir()
+            result.merged_modules = write_merged(adapter, d, base, dtype, progress=progress)
+            cands[base] = d
+        scores = measure_against_trained(adapter.dir, cands, eval_tokens)
+        for base, s in scores.items():
+            result.kld[base] = s["kld"]
+            result.top1[base] = s["top1"]
+            result.eval_tokens = s["tokens"]
+        best = min(scores, key=lambda b: scores[b]["kld"])
+        result.merge_base = best
+        for p in cands[best].iterdir():
+            shutil.move(str(p), out / p.name)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring against the trained model
+
+
+def heldout_conversations(manifest: dict[str, Any], n: int = 64) -> list[list[dict]]:
+    """Held-out chat conversations for the data the adapter was trained on, chosen as the
+    trainer chooses its eval rows: the config's ``eval_data``, else the embedded task's held-out
+    split (``embedded:iot:eval``) for embedded data, else the embedded held-out split as generic
+    text (any text the model was not trained on measures agreement)."""
+    from .data import load_dataset
+
+    config = manifest.get("config") or {}
+    data_spec = str((manifest.get("data") or {}).get("spec") or config.get("data") or "")
+    spec = config.get("eval_data") or ("embedded:iot:eval" if data_spec.startswith("embedded:")
+                                       or not data_spec else "")
+    rows = [r for r in load_dataset(spec or "embedded:iot:eval").rows if r.get("messages")]
+    return [r["messages"] for r in rows[:n]]
+
+
+def heldout_sequences(manifest: dict[str, Any], tokenizer, n_tokens: int = 2048,
+                      max_len: int = 256) -> list[list[int]]:
+    """Token id sequences (one per held-out conversation, chat template applied as in training)
+    totalling about ``n_tokens``."""
+    seqs, total = [], 0
+    for messages in heldout_conversations(manifest, n=max(8, n_tokens // 32)):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids = ids[:max_len]
+        if len(ids) < 2:
+            continue
+        seqs.append(ids)
+        total += len(ids)
+        if total >= n_tokens:
+            break
+    if not seqs:
+        raise InputError("no held-out text to measure with (the held-out split is empty)")
+    return seqs
+
+
+def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
+                            eval_tokens: int) -> dict[str, dict[str, float]]:
+    """Top-1 agreement and mean KL(trained || candidate) of each merged candidate directory.
+
+    Candidates are loaded one at a time beside the (4-bit, small) trained model, and compared
+    one sequence at a time: memory stays at one candidate plus one sequence's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .qlora import load_trained, logit_agreement
+
+    trained = load_trained(adapter_dir, device="cpu")
+    manifest = read_manifest(adapter_dir, kind="adapter")
+    tok = AutoTokenizer.from_pretrained(next(iter(candidates.values())))
+    seqs = heldout_sequences(manifest, tok, eval_tokens)
+    scores = {}
+    for name, path in candidates.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        top1 = kld = 0.0
+        tokens = 0
+        with torch.no_grad():
+            for ids in seqs:
+                x = torch.tensor([ids])
+                s = logit_agreement(trained(x).logits[0], model(x).logits[0])
+                top1 += s["top1"] * s["tokens"]
+                kld += s["kld"] * s["tokens"]
+                tokens += s["tokens"]
+        scores[name] = {"top1": top1 / tokens, "kld": kld / tokens, "tokens": tokens}
+        del model
+    return scores

@@ -1,0 +1,431 @@
+"""QLoRA model components: the quantized base, the LoRA adapters, and loading a trained adapter.
+
+The recipe in ``train.py`` composes these; the merge/export and parity stages use
+``load_trained`` as their reference model (the trained model exactly as it was trained).
+
+- ``load_base``: a Hugging Face causal LM with 4-bit (NF4/FP4, bitsandbytes, double quantization),
+  8-bit (LLM.int8) or unquantized weights. The compute dtype is bf16 on CUDA and fp32 on CPU, where
+  bf16 matmuls are slow.
+- ``attach_lora``: PEFT LoRA (rsLoRA and DoRA flags) on named target modules.
+- ``load_trained``: the quantized base named by an adapter's manifest + ``PeftModel.from_pretrained``.
+- ``quantization_loss``: what the quantized base loses against the full-precision one (top-1
+  agreement and KL divergence of next-token distributions on held-out tokens).
+
+The CPU repack trap (bitsandbytes 0.50, CPUs with AVX512-BF16): ``Linear4bit.forward`` in eval mode
+on an input without grad repacks its weight into a CPU inference layout
+(``quant_state.packing_format_for_cpu``) and from then on runs ``bitsandbytes::gemv_4bit``, which has
+no autograd kernel, so every later backward through that layer is silently wrong (and the repacked
+layer computes in bf16, so its logits differ too). ``guard_cpu_4bit`` turns the repack off per layer
+and undoes one that already happened; every model this module returns is guarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ConfigError, InputError, ManifestError
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Output heads are never LoRA targets (PEFT's "all-linear" leaves them out for the same reason:
+# they are tied to the embeddings in small models and huge in all of them).
+OUTPUT_LAYERS = ("lm_head",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_device():
+    """CUDA (this process's GPU under torchrun) when available, else CPU."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_compute_dtype(compute_dtype: str, device) -> "Any":
+    """``auto`` is bf16 on CUDA (fp16 where the GPU lacks bf16) and fp32 on CPU."""
+    import torch
+
+    device = torch.device(device)
+    if compute_dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if compute_dtype not in DTYPES:
+        raise ConfigError(f"compute_dtype={compute_dtype!r} is not one of auto, "
+                          f"{', '.join(DTYPES)}")
+    return getattr(torch, compute_dtype)
+
+
+def guard_cpu_4bit(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see the module
+    docstring); undo a repack that already happened. Returns the number of 4-bit layers."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # Linear4bit.forward repacks only when this per-layer flag is set (it caches
+            # has_avx512bf16() at construction), so clearing it keeps the autograd-safe
+            # dequantize+matmul path in eval mode too. Same kernels as training: eval logits
+            # equal training-mode logits.
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = (
+                    _convert_weight_packed_for_cpu_inverse(module.weight.data, state))
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def dequantized_for_eval(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
+    """While inside, 4-bit layers on CPU use a weight dequantized once instead of at every call.
+
+    On CPU bitsandbytes computes a 4-bit layer as ``linear(x, dequantize_4bit(W))``, so greedy
+    decoding dequantizes every weight at every generated token; caching the dequantized weight
+    gives bit-identical outputs (same dequantization, same ``linear``) several times faster.
+    For evaluation only (no backward through the cache); skipped on GPU, where bitsandbytes has
+    fused kernels, and when the cache would exceed ``max_bytes``. Yields the cached layer count.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        yield 0
+        return
+    import torch.nn.functional as F
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+              and m.weight.device.type == "cpu" and m.compute_dtype is not None]
+    size = sum(m.in_features * m.out_features * m.compute_dtype.itemsize for m in layers)
+    if not layers or size > max_bytes:
+        yield 0
+        return
+    guard_cpu_4bit(model)
+
+    def cached_forward(module, weight):
+        def forward(x):
+            inp_dtype = x.dtype
+            x = x.to(module.compute_dtype)
+            bias = None if module.bias is None else module.bias.to(x.dtype)
+            return F.linear(x, weight, bias).to(inp_dtype)
+        return forward
+
+    for m in layers:
+        weight = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        m.forward = cached_forward(m, weight.to(m.compute_dtype))
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            del m.forward  # back to the class's forward
+
+
+def cpu_repacked_layers(model) -> list[str]:
+    """Names of 4-bit layers currently in bitsandbytes' CPU inference layout (should be none)."""
+    return [name for name, module in model.named_modules()
+            if getattr(getattr(getattr(module, "weight", None), "quant_state", None),
+                       "packing_format_for_cpu", False)]
+
+
+def _quiet_bnb_import() -> None:
+    """Import bitsandbytes without its CPU-backend warning that the optional ``kernels``
+    package (a faster AVX512 inference kernel) is missing: that kernel is exactly the repack
+    path ``guard_cpu_4bit`` turns off, so the warning would only confuse."""
+    import logging
+
+    from .errors import require
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        require("bitsandbytes", "train", "a quantized base (quant=nf4, fp4 or int8)")
+    finally:
+        logger.setLevel(level)
+
+
+def _bnb_config(quant: str, double_quant: bool, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
+                                  bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=dtype)
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(path, quant: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto",
+              device=None):
+    """Load a local Hugging Face causal LM directory with quantized (or plain) weights.
+
+    quant: ``nf4`` | ``fp4`` (bitsandbytes 4-bit, blocks of 64, ``double_quant`` quantizes the
+    block scales too), ``int8`` (LLM.int8), ``none`` (weights in the compute dtype: plain LoRA).
+    Non-quantized parameters (embeddings, norms) are kept in fp32 for quantized bases, as in the
+    QLoRA paper. The returned model is guarded against the CPU repack trap.
+    """
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"base model {path} is not a Hugging Face model directory "
+                         "(no config.json); pass base=embedded or a local model directory")
+    if quant not in ("nf4", "fp4", "int8", "none"):
+        raise ConfigError(f"quant={quant!r} is not one of nf4, fp4, int8, none")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    qconfig = _bnb_config(quant, double_quant, dtype)
+    if qconfig is not None:
+        _quiet_bnb_import()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per tensor group is noise; callers show theirs
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=qconfig, dtype=dtype, device_map={"": device},
+                trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load base model {path}: {exc}".splitlines()[0]) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if qconfig is not None:
+        # QLoRA keeps what is not quantized in fp32 (norms, embeddings): bf16 norms lose the
+        # small differences LoRA learns from.
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+    model.requires_grad_(False)
+    guard_cpu_4bit(model)
+    return model
+
+
+def quant_info(model, quant: str, double_quant: bool) -> dict[str, Any]:
+    """The manifest's ``quant`` section, read from the loaded layers."""
+    info: dict[str, Any] = {"quant": quant, "double_quant": bool(double_quant) and
+                            quant in ("nf4", "fp4"), "block_size": None, "compute_dtype": None}
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    for module in model.modules():
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+            info["block_size"] = int(module.weight.quant_state.blocksize)
+            info["compute_dtype"] = str(module.compute_dtype).replace("torch.", "")
+            break
+    if info["compute_dtype"] is None:
+        info["compute_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def linear_layer_names(model) -> list[str]:
+    """Distinct leaf names of the model's linear layers (plain, 4-bit or 8-bit), output head
+    excluded: the names LoRA can target."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and leaf not in OUTPUT_LAYERS and \
+                ".lora_" not in name and "base_layer" != leaf:
+            names.add(leaf)
+    return sorted(names)
+
+
+def resolve_targets(model, target: str) -> list[str]:
+    """``all-linear``, ``attention`` or ``"q_proj,v_proj"`` -> explicit module names, checked
+    against the model."""
+    available = linear_layer_names(model)
+    spec = target.strip()
+    if spec == "all-linear":
+        return available
+    wanted = list(ATTENTION_TARGETS) if spec == "attention" else \
+        [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in available]
+    if unknown or not wanted:
+        raise ConfigError(
+            f"lora.target={target!r}: no linear layer named {', '.join(unknown) or '(empty)'} in "
+            f"this model; its linear layers are {', '.join(available)} (or use all-linear)")
+    return wanted
+
+
+def attach_lora(model, lora_cfg):
+    """Wrap ``model`` in PEFT LoRA adapters from an ``edgeqlora.config.LoraConfig``.
+
+    Only the adapters train (the base was frozen by ``load_base``). ``rslora`` scales by
+    alpha/sqrt(r) instead of alpha/r; ``dora`` adds PEFT's weight-decomposed magnitude vectors
+    (PEFT dequantizes 4-bit weights to compute the norm).
+    """
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    if lora_cfg.r <= 0:
+        raise ConfigError(f"lora.r={lora_cfg.r} must be a positive integer (try 8 or 16)")
+    targets = resolve_targets(model, lora_cfg.target)
+    peft_cfg = LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=targets, use_rslora=lora_cfg.rslora, use_dora=lora_cfg.dora,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5 property that warns about its own rename.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, peft_cfg)
+    guard_cpu_4bit(peft_model)
+    return peft_model
+
+
+def lora_info(peft_model, lora_cfg) -> dict[str, Any]:
+    """The manifest's ``lora`` section."""
+    cfg = peft_model.peft_config["default"]
+    return {"r": lora_cfg.r, "alpha": lora_cfg.alpha, "dropout": lora_cfg.dropout,
+            "target_modules": sorted(cfg.target_modules), "rslora": lora_cfg.rslora,
+            "dora": lora_cfg.dora}
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained model, reloaded
+
+
+def load_trained(adapter_dir, device=None):
+    """The trained model exactly as trained: the quantized base named in ``adapter_dir``'s
+    manifest (checked by weight hash) + the PEFT adapter, in eval mode, safe for forward passes
+    (guarded against the CPU repack trap)."""
+    from peft import PeftModel
+
+    from .artifacts import read_manifest, verify_files
+    from .base import base_fingerprint, resolve_base
+
+    adapter_dir = Path(adapter_dir)
+    manifest = read_manifest(adapter_dir, kind="adapter")
+    problems = verify_files(adapter_dir, manifest)
+    if problems:
+        raise ManifestError(f"adapter {adapter_dir} does not match its manifest: "
+                            f"{'; '.join(problems)}")
+    base = manifest.get("base", {})
+    quant = manifest.get("quant", {})
+    path = Path(base.get("path", ""))
+    if not (path / "config.json").is_file():
+        # The run may have happened on another machine: resolve the spec again.
+        path = resolve_base(base.get("spec", "embedded"))
+    found = base_fingerprint(path)["weights_sha256"]
+    if base.get("weights_sha256") and found != base["weights_sha256"]:
+        raise ManifestError(
+            f"adapter {adapter_dir} was trained on a base with weights sha256 "
+            f"{base['weights_sha256'][:16]}..., but {path} has {found[:16]}...; pass the same "
+            "base the adapter was trained on")
+    model = load_base(path, quant=quant.get("quant", "nf4"),
+                      double_quant=quant.get("double_quant", True),
+                      compute_dtype=_trained_dtype(quant.get("compute_dtype", "auto"), device),
+                      device=device)
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    guard_cpu_4bit(model)
+    model.eval()
+    return model
+
+
+def _trained_dtype(recorded: str, device) -> str:
+    """The compute dtype recorded at training time, unless that is a half type and we now run
+    on CPU (bf16 matmuls there are slow and not what CPU training used)."""
+    import torch
+
+    device = torch.device(device) if device is not None else default_device()
+    if recorded in DTYPES and (device.type == "cuda" or recorded == "float32"):
+        return recorded
+    return "auto"
+
+
+# ---------------------------------------------------------------------------------------------
+# What quantization costs
+
+
+def logit_agreement(ref_logits, cand_logits) -> dict[str, float]:
+    """Top-1 agreement and mean KL(ref || cand) of next-token distributions, over all positions
+    of two ``[..., vocab]`` logit tensors (computed in fp32)."""
+    import torch
+
+    ref = ref_logits.reshape(-1, ref_logits.shape[-1]).float()
+    cand = cand_logits.reshape(-1, cand_logits.shape[-1]).float()
+    ref_lp = torch.log_softmax(ref, dim=-1)
+    cand_lp = torch.log_softmax(cand, dim=-1)
+    kld = (ref_lp.exp() * (ref_lp - cand_lp)).sum(-1)
+    top1 = (ref.argmax(-1) == cand.argmax(-1)).float()
+    return {"top1": float(top1.mean()), "kld": float(kld.mean()), "tokens": int(ref.shape[0])}
+
+
+def quantization_loss(model_fp, model_q, token_ids) -> dict[str, float]:
+    """Top-1 agreement and mean KLD of ``model_q`` (e.g. the NF4 base) against ``model_fp`` (the
+    16/32-bit base) on ``token_ids`` (a 1-D or ``[batch, seq]`` tensor, or a list of ids)."""
+    import torch
+
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.numel() < 2:
+        raise InputError("quantization_loss needs at least 2 tokens")
+    guard_cpu_4bit(model_q)
+    was = (model_fp.training, model_q.training)
+    model_fp.eval()
+    model_q.eval()
+    with torch.no_grad():
+        ref = model_fp(ids.to(model_fp.device)).logits
+        cand = model_q(ids.to(model_q.device)).logits
+    model_fp.train(was[0])
+    model_q.train(was[1])
+    return logit_agreement(ref, cand.to(ref.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+# Architectures whose causal-LM head is exactly ``lm_head(decoder(x))`` (no logit soft-capping or
+# scaling), so the loss can project only the positions that carry a label.
+_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2")
+
+
+def token_loss(model, batch) -> tuple["Any", int]:
+    """Sum of next-token cross-entropy over the positions with a label (-100 = no label), and
+    how many there are: ``(loss_sum, n_tokens)``.
+
+    Answer-only training labels a fraction of the tokens (the assistant's answer), so for plain
+    heads the output projection and the softmax over the vocabulary run only on those positions:
+    on a 49k vocabulary that is most of the memory of a step and a good share of its time.
+    ``batch`` holds ``input_ids``, ``labels`` and optionally ``attention_mask`` / ``position_ids``
+    (packed rows: position ids restart per example and examples do not attend to each other).
+    """
+    import torch.nn.functional as F
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    n_tokens = int(mask.sum())
+    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    if getattr(inner.config, "model_type", None) in _PLAIN_HEAD_TYPES:
+        hidden = inner.get_decoder()(input_ids=batch["input_ids"], use_cache=False,
+                                     **kwargs).last_hidden_state
+        logits = inner.get_output_embeddings()(hidden[:, :-1][mask])
+    else:
+        logits = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1][mask]
+    loss_sum = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    return loss_sum, n_tokens
