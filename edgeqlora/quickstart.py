@@ -25,11 +25,11 @@ from .errors import EdgeQloraError, InputError
 # 8 examples (measured: exact match ~0 -> > 0.9 within 60 steps), and the held-out evaluation
 # (greedy decoding of a 4-bit model on CPU) is the other big cost, so it uses fewer examples.
 CPU_SIZING = {
-    "max_steps": "60",
+    "max_steps": "80",
     "batch_size": "8",
     "warmup_steps": "5",
-    "lr": "4e-4",
-    "save_every": "30",
+    "lr": "1e-3",
+    "save_every": "40",
     "eval_every": "0",
     "eval_examples": "40",
     "max_new_tokens": "48",

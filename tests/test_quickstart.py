@@ -1,0 +1,64 @@
+"""The main job end to end on a tiny model: train -> exports -> parity -> summary.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import has_module
+
+pytestmark = pytest.mark.skipif(not has_module("llama_cpp"), reason="needs llama-cpp-python")
+
+
+def test_quickstart_layout_and_summary(tiny_model_dir, tmp_path, capsys):
+    from edgeqlora.quickstart import quickstart
+
+    out = tmp_path / "qs"
+    overrides = [f"base={tiny_model_dir}", "max_steps=2", "batch_size=4", "eval_examples=3",
+                 "max_new_tokens=6", "quant_report_tokens=0", "export.eval_tokens=48",
+                 "parity.eval_examples=2", "parity.text_tokens=32", "save_every=0"]
+    summary = quickstart(out, overrides=overrides)
+
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "manifest.json").is_file()
+    data = json.loads((out / "summary.json").read_text())
+    assert data == json.loads(json.dumps(summary, default=str))
+    for key in ("base_exact_match", "trained_exact_match", "exports"):
+        assert key in data
+    assert isinstance(data["base_exact_match"], float)
+    names = [e["name"] for e in data["exports"]]
+    assert names[:3] == ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
+    shipped = [e for e in data["exports"] if "error" not in e]
+    assert shipped, data["exports"]
+    for e in shipped:
+        assert (out / "exports" / e["name"] / "manifest.json").is_file()
+        assert e["size_bytes"] > 0 and e["target"] in ("gguf", "onnx")
+        for key in ("exact_match", "kld", "top1", "decode_tokens_per_s"):
+            assert key in e
+    assert (out / "parity" / "parity.json").is_file()
+    assert data["samples"] and "answer" in data["samples"][0]
+    assert "edgeqlora quickstart" in capsys.readouterr().out
+
+
+def test_quickstart_refuses_foreign_dir(tmp_path):
+    from edgeqlora.errors import InputError
+    from edgeqlora.quickstart import quickstart
+
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="--force"):
+        quickstart(out)
+    with pytest.raises(InputError, match="refusing to delete"):
+        quickstart(out, force=True)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_cpu_sizing_yields_to_overrides():
+    from edgeqlora.quickstart import quickstart_config
+
+    cfg = quickstart_config(None, ["max_steps=7"], full=False)
+    assert cfg.max_steps == 7
+    full = quickstart_config(None, [], full=True)
+    assert full.max_steps == 200  # the recipe as written
