@@ -32,11 +32,11 @@ are an estimate: no ONNX runtime shim was measured.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from edgeqlora.artifacts import read_json
 from edgeqlora.errors import DeviceError, EdgeQloraError
 
 from .profiles import DeviceProfile
@@ -314,10 +314,7 @@ def _onnx_facts(export_dir: Path, manifest: dict[str, Any]) -> ModelFacts:
     if not config_path.is_file():
         raise DeviceError(f"{export_dir} has no config.json; the fit check needs the model's "
                           "architecture (layers, heads) for an ONNX export")
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeviceError(f"{config_path} is not valid JSON ({exc})") from None
+    cfg = read_json(config_path, DeviceError)
     missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                            "vocab_size") if not isinstance(cfg.get(k), int)]
     if missing:

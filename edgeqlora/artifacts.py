@@ -73,6 +73,14 @@ def write_manifest(directory: str | Path, kind: str, data: dict[str, Any],
     return manifest
 
 
+def read_json(path: str | Path, error: type[Exception] = InputError) -> Any:
+    """Parse a JSON file; one that is not valid JSON raises ``error`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from None
+
+
 def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     d = Path(directory)
     if not d.exists():
@@ -80,10 +88,7 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, A
     path = d / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{d} has no {MANIFEST}; is it a directory edgeqlora wrote?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc})") from None
+    manifest = read_json(path, ManifestError)
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path} must hold a JSON object")
     version = manifest.get("format_version")
@@ -92,6 +97,16 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, A
                             f"format_version {FORMAT_VERSION}")
     if kind is not None and manifest.get("kind") != kind:
         raise ManifestError(f"{d} holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    return manifest
+
+
+def read_verified_manifest(directory: str | Path, kind: str, what: str) -> dict[str, Any]:
+    """``read_manifest`` plus a check that every file still matches its recorded sha256."""
+    manifest = read_manifest(directory, kind=kind)
+    problems = verify_files(directory, manifest)
+    if problems:
+        raise ManifestError(f"{what} {directory} does not match its manifest: "
+                            f"{'; '.join(problems)}")
     return manifest
 
 

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, versions, write_manifest
+from .artifacts import (MANIFEST, atomic_dir, read_json, read_manifest, sha256_file, versions,
+                        write_manifest)
 from .errors import EdgeQloraError, InputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,7 @@ def validate_local_dir(path: str | os.PathLike[str]) -> Path:
     if not config.is_file():
         raise InputError(f"base model directory {path} has no config.json; is it a Hugging Face "
                          "checkpoint saved with save_pretrained?")
-    try:
-        cfg = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config} is not valid JSON ({exc})") from None
+    cfg = read_json(config, InputError)
     if not isinstance(cfg, dict) or not cfg.get("model_type"):
         raise InputError(f"{config} has no model_type; it is not a transformers model config")
     weights = sorted(path.glob("*.safetensors"))

@@ -241,7 +241,8 @@ def _cmd_serve(args) -> int:
 
 
 def _add_export(sub):
-    p = sub.add_parser("export", help="merge an adapter and export it (GGUF), verified")
+    p = sub.add_parser("export", help="merge an adapter and export it (GGUF or ONNX), "
+                                      "verified and parity-gated")
     p.add_argument("adapter", help="adapter directory written by 'edgeqlora train'")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="export directory to write")

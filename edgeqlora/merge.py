@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import read_manifest, verify_files, write_manifest
+from .artifacts import read_json, read_manifest, read_verified_manifest, write_manifest
 from .errors import ConfigError, InputError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -120,20 +120,13 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     from .base import base_fingerprint, resolve_base
 
     adapter_dir = Path(adapter_dir)
-    manifest = read_manifest(adapter_dir, kind="adapter")
-    problems = verify_files(adapter_dir, manifest)
-    if problems:
-        raise ManifestError(f"adapter {adapter_dir} does not match its manifest: "
-                            f"{'; '.join(problems)}")
+    manifest = read_verified_manifest(adapter_dir, "adapter", "adapter")
     cfg_path = adapter_dir / ADAPTER_CONFIG
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
         raise InputError(f"adapter {adapter_dir} has no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS}; "
                          "is it a PEFT adapter written by edgeqlora train?")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{cfg_path} is not valid JSON ({exc})") from None
+    cfg = read_json(cfg_path, InputError)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA "
                          "adapters can be merged")

@@ -312,15 +312,11 @@ def load_trained(adapter_dir, device=None):
     (guarded against the CPU repack trap)."""
     from peft import PeftModel
 
-    from .artifacts import read_manifest, verify_files
+    from .artifacts import read_verified_manifest
     from .base import base_fingerprint, resolve_base
 
     adapter_dir = Path(adapter_dir)
-    manifest = read_manifest(adapter_dir, kind="adapter")
-    problems = verify_files(adapter_dir, manifest)
-    if problems:
-        raise ManifestError(f"adapter {adapter_dir} does not match its manifest: "
-                            f"{'; '.join(problems)}")
+    manifest = read_verified_manifest(adapter_dir, "adapter", "adapter")
     base = manifest.get("base", {})
     quant = manifest.get("quant", {})
     path = Path(base.get("path", ""))

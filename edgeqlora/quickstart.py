@@ -226,7 +226,6 @@ def _decode_speed(path: Path, new_tokens: int = 64) -> float | None:
     try:
         prompt = rt.render_chat([{"role": "user", "content": "Describe a smart home in detail."}])
         result = Completion()
-        t0 = time.perf_counter()
         first = None
         for _ in rt.complete(prompt, max_new_tokens=new_tokens, temperature=0.0,
                              result=result):

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeqlora.artifacts import read_json
 from edgeqlora.errors import ConfigError, ExportError, InputError, require
 
 log = logging.getLogger(__name__)
@@ -163,10 +164,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{model_dir} has no config.json; pass a Hugging Face checkpoint "
                          "(e.g. the output of 'edgeqlora merge')")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc})") from None
+    cfg = read_json(path, InputError)
     return {**cfg, **cfg.get("text_config", {})}
 
 
