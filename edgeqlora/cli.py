@@ -94,6 +94,8 @@ def _add_quickstart(sub):
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--full", action="store_true",
                    help="the full-size run even on CPU (default: sized to the machine)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted quickstart in --out from its last checkpoint")
     p.set_defaults(func=_cmd_quickstart)
 
 
@@ -102,7 +104,7 @@ def _cmd_quickstart(args) -> int:
 
     recipe, overrides = _split_recipe(args.recipe_and_overrides)
     quickstart(Path(args.out), recipe=recipe, overrides=overrides, force=args.force,
-               full=args.full)
+               full=args.full, resume=args.resume)
     return 0
 
 

@@ -89,13 +89,34 @@ def _sizes(base_params: int | None) -> dict[str, int]:
             "nf4": int(base_params * (0.5 + 1 / 64 + 4 / (64 * 256)))}
 
 
+def _base_eval(run: Path) -> dict[str, Any]:
+    """The step-0 evaluation (the untrained base) from a run's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "eval" and record.get("step") == 0:
+            return record
+    return {}
+
+
 def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None = None,
-               force: bool = False, full: bool = False) -> dict[str, Any]:
+               force: bool = False, full: bool = False, resume: bool = False
+               ) -> dict[str, Any]:
+    """Run every stage; with ``resume`` an interrupted quickstart in ``out`` continues: training
+    resumes from its last checkpoint (a finished one is not redone) and the later stages run
+    again."""
     from .train import train
 
+    overrides = list(overrides or []) + (["resume=true"] if resume else [])
     cfg = quickstart_config(recipe, overrides, full)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise InputError(f"cannot resume: {out} holds no quickstart checkpoints; run "
+                             "without --resume")
+    elif out.exists() and any(out.iterdir()):
         if not force:
             raise InputError(f"{out} already exists and is not empty; pass --force to replace it")
         if not (out / "summary.json").exists() and not (out / "adapter").exists():
@@ -116,7 +137,8 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
     timings["train_s"] = time.perf_counter() - t0
     manifest = json.loads((adapter / "manifest.json").read_text())
     metrics = manifest.get("metrics", {})
-    before, after = metrics.get("eval_before", {}), metrics.get("eval_after", {})
+    before = metrics.get("eval_before") or _base_eval(out)
+    after = metrics.get("eval_after", {})
 
     # 2. Exports.
     exports: list[dict[str, Any]] = []
@@ -281,15 +303,16 @@ def print_table(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Wide enough for the table even when stdout is not a terminal (make demo | tee ...).
+    console = Console(width=None if Console().is_terminal else 120)
     table = Table(title="edgeqlora quickstart")
     for col in ("model", "size", "exact match", "KLD vs trained", "top-1 vs trained",
                 "identical answers", "decode tok/s"):
         table.add_column(col, justify="right" if col != "model" else "left")
     sizes = summary.get("sizes", {})
-    table.add_row("base fp32 (16-bit: half)", _fmt(sizes.get("fp32"), "mb"),
+    table.add_row("base (fp32)", _fmt(sizes.get("fp32"), "mb"),
                   _fmt(summary.get("base_exact_match"), "pct"), "", "", "", "")
-    table.add_row("trained (NF4 base + LoRA)", _fmt(sizes.get("nf4"), "mb"),
+    table.add_row("trained (NF4 + LoRA)", ">= " + _fmt(sizes.get("nf4"), "mb"),
                   _fmt(summary.get("trained_exact_match"), "pct"), "reference", "", "", "")
     for row in summary.get("exports", []):
         if "error" in row:

@@ -40,6 +40,14 @@ def test_quickstart_layout_and_summary(tiny_model_dir, tmp_path, capsys):
     assert data["samples"] and "answer" in data["samples"][0]
     assert "edgeqlora quickstart" in capsys.readouterr().out
 
+    # An interrupted quickstart continues: the finished training is not redone (same adapter
+    # weights), the base's score comes back from metrics.jsonl, later stages run again.
+    weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = quickstart(out, overrides=overrides, resume=True)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == weights
+    assert again["base_exact_match"] == data["base_exact_match"]
+    assert again["trained_exact_match"] is not None
+
 
 def test_quickstart_refuses_foreign_dir(tmp_path):
     from edgeqlora.errors import InputError
@@ -53,6 +61,14 @@ def test_quickstart_refuses_foreign_dir(tmp_path):
     with pytest.raises(InputError, match="refusing to delete"):
         quickstart(out, force=True)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_quickstart_resume_needs_a_run(tmp_path):
+    from edgeqlora.errors import InputError
+    from edgeqlora.quickstart import quickstart
+
+    with pytest.raises(InputError, match="cannot resume"):
+        quickstart(tmp_path / "nothing-here", resume=True)
 
 
 def test_cpu_sizing_yields_to_overrides():
