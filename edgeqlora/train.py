@@ -501,11 +501,15 @@ def _load_checkpoint(path: Path, cfg: Config, model, optimizer, scheduler, ddp) 
     with torch.no_grad():
         for name, value in weights.items():
             named[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ddp.device))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+    # Optimizer/scheduler/RNG state (no weights: those are safetensors) through torch's
+    # restricted unpickler, which refuses arbitrary code (the default since torch 2.6; explicit
+    # for older releases).
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=ddp.device,
+                                         weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-rank{ddp.rank}.pt"
     if rng_file.is_file():
-        rng = torch.load(rng_file)
+        rng = torch.load(rng_file, weights_only=True)
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
