@@ -11,7 +11,7 @@ STAMP := $(VENV)/.edgeqlora-installed
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast test-arm64 clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,17 @@ demo: $(STAMP)
 	$(VENV)/bin/edgeqlora quickstart --out runs/quickstart --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu and not arm64" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu and not slow and not arm64" $(PYTEST_ARGS)
+
+# arm64 vs x86 on the same exports: a Debian bookworm arm64 userland under qemu (a Pi 5's
+# Cortex-A76), cached in $EDGEQLORA_HOME/arm64 on first use (a second run only checks it). Needs
+# apt-get install qemu-user-static debootstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu.
+test-arm64: $(STAMP)
+	$(PY) devices/arm64/arm64.py setup
+	$(PY) -m pytest -q -m arm64 tests/test_arm64.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

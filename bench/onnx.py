@@ -13,6 +13,22 @@ held-out set beside the trained model's.
     .venv/bin/python bench/onnx.py --adapter runs/quickstart/adapter --variants int4 int8
 
 Prints a table and writes ``bench/results/onnx.json``.
+
+``--task-table`` measures every variant against the trained model instead (the issue's
+acceptance: task exact match of each variant beside the trained model's): each variant is
+exported from ``--adapter`` (calibrated ones on the adapter's own training data), then one
+``edgeqlora.parity.run_parity`` over all of them (same held-out examples, same greedy length,
+one reference) gives exact match, identical answers, KLD and top-1 vs the trained model; with
+size on disk and the export's KLD vs the merged fp32 model. Writes
+``bench/results/onnx_task.json``:
+
+    .venv/bin/python bench/onnx.py --task-table --adapter runs/quickstart/adapter \
+        --exports-dir runs/onnx-task --merge-base dequantized
+
+On a busy CPU the torch reference (NF4 greedy decoding) is the slow part: ``--reference-em X``
+takes the trained model's exact match on the same examples as given (the quickstart's
+``trained_exact_match_parity_set``) and measures only each variant's exact match through its
+runtime (KLD is then the export's own, against the merged fp32 model).
 """
 
 from __future__ import annotations
@@ -47,13 +63,21 @@ def _child(args: list[str]) -> tuple[dict, float]:
         return json.loads(result.read_text()), usage.ru_maxrss / 1024
 
 
-def do_export(source: str, kind: str, target: str, quant: str, out: str) -> dict:
+def do_export(source: str, kind: str, target: str, quant: str, out: str,
+              merge_base: str = "auto") -> dict:
     t = time.perf_counter()
     if kind == "adapter":
+        from edgeqlora.artifacts import read_manifest
         from edgeqlora.export import export_adapter
+        from edgeqlora.exporters.onnx import CALIBRATED
 
+        extra = {}
+        if target == "onnx" and quant in CALIBRATED:
+            # Calibrate on the data the adapter was trained on (its manifest's spec).
+            extra["calibration_data"] = read_manifest(source, kind="adapter")["data"]["spec"]
         m = export_adapter(source, out, target=target, quant=quant, force=True,
-                           thresholds={"min_top1": 0.0, "max_kld": 1e9})
+                           merge_base=merge_base,
+                           thresholds={"min_top1": 0.0, "max_kld": 1e9}, **extra)
     elif target == "onnx":
         from edgeqlora.exporters.onnx import export_merged
 
@@ -108,7 +132,8 @@ def do_speed(export_dir: str, threads: int, prompt_tokens: int, decode_tokens: i
             "decoded": done.completion_tokens}
 
 
-def task_exact_match(export_dir: str, adapter_dir: str, n: int) -> dict:
+def task_exact_match(export_dir: str, adapter_dir: str, n: int,
+                     max_new_tokens: int = 96) -> dict:
     """Exact match of greedy answers through the runtime on the adapter's held-out task set,
     scored as the parity gate scores it (``parity.task_set`` / ``parity.exact_match``)."""
     from edgeqlora import runtimes
@@ -117,8 +142,129 @@ def task_exact_match(export_dir: str, adapter_dir: str, n: int) -> dict:
 
     task = task_set(read_manifest(adapter_dir, kind="adapter"), n)
     rt = runtimes.load(export_dir)
-    outputs = [rt.chat(p, max_new_tokens=96) for p in task.prompts]
+    outputs = [rt.chat(p, max_new_tokens=max_new_tokens, temperature=0.0).strip()
+               for p in task.prompts]
     return {"exact_match": round(exact_match(outputs, task), 3), "rows": len(outputs)}
+
+
+def _model_bytes(export_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(export_dir).iterdir()
+               if p.name.endswith((".onnx", ".onnx.data", ".gguf")))
+
+
+def _reusable(export_dir: Path, quant: str, adapter: str) -> bool:
+    """An export already in ``--exports-dir`` made from this adapter with this quant."""
+    from edgeqlora.artifacts import read_manifest
+
+    try:
+        m = read_manifest(export_dir, kind="export")
+    except Exception:  # absent or unreadable: export it again
+        return False
+    return (m.get("quant") == quant and m.get("source", {}).get("adapter")
+            == str(Path(adapter).resolve()))
+
+
+def task_table(a) -> None:
+    """Export each variant from the adapter (or reuse it), then one parity run over all of
+    them (or, with ``--reference-em``, each one's exact match through its runtime)."""
+    from edgeqlora.artifacts import read_manifest
+
+    if not a.adapter:
+        raise SystemExit("--task-table needs --adapter (the trained adapter is the reference)")
+    exports = Path(a.exports_dir or tempfile.mkdtemp(prefix="bench-onnx-task-"))
+    exports.mkdir(parents=True, exist_ok=True)
+    rows, dirs = [], []
+    for quant in a.variants:
+        out = exports / f"onnx-{quant}"
+        row: dict = {"quant": quant}
+        if _reusable(out, quant, a.adapter):
+            row["export_s"] = "reused"
+        else:
+            try:
+                res, rss = _child(["--_export", a.adapter, "adapter", "onnx", quant, str(out),
+                                   "--merge-base", a.merge_base])
+                row.update(export_s=res["export_s"], export_peak_rss_mb=round(rss))
+            except RuntimeError as exc:
+                row["error"] = str(exc).splitlines()[-1]
+                rows.append(row)
+                continue
+        m = read_manifest(out, kind="export")
+        v = m.get("verification", {})
+        recipe = m.get("exporter", {}).get("recipe", {})
+        row.update(size_mb=round(_model_bytes(out) / 2**20, 1),
+                   kld_vs_merged_fp32=v.get("kld"), top1_vs_merged_fp32=v.get("top1"),
+                   merge_base=(m.get("merge") or {}).get("merge_base"),
+                   algorithm=recipe.get("algorithm"), quant_mix=m.get("quant_mix"),
+                   calibration=recipe.get("calibration"))
+        rows.append(row)
+        dirs.append(out)
+        print(json.dumps(row), flush=True)
+    t = time.perf_counter()
+    if a.reference_em is not None:
+        # No torch reference (its NF4 greedy decoding is the slow part on a busy CPU): each
+        # variant's exact match through its runtime, the same examples and answer length as
+        # parity; the trained model's exact match as given.
+        for row, d in zip([r for r in rows if "error" not in r], dirs):
+            res, _ = _child(["--_task", str(d), a.adapter, "--task-rows", str(a.task_rows),
+                             "--max-new-tokens", str(a.max_new_tokens)])
+            row.update(exact_match=res["exact_match"],
+                       keeps_of_trained=round(res["exact_match"] / a.reference_em, 3))
+            print(json.dumps({k: row[k] for k in ("quant", "exact_match", "keeps_of_trained")}),
+                  flush=True)
+        report = None
+    else:
+        report = _parity_rows(a, rows, dirs, exports)
+    ref_em = a.reference_em if report is None else report["reference"]["task"]["exact_match"]
+    settings = {"examples": a.task_rows, "max_new_tokens": a.max_new_tokens,
+                "text_tokens": 0 if report is None else report["settings"]["text_tokens"],
+                "reference_em": "given (--reference-em)" if report is None
+                else "measured (parity)"}
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "python": platform.python_version()},
+              "adapter": a.adapter, "merge_base": a.merge_base,
+              "reference": {"exact_match": ref_em, "examples": a.task_rows},
+              "settings": settings, "measure_seconds": round(time.perf_counter() - t, 1),
+              "rows": rows}
+    _write_task_table(a, result, rows, ref_em)
+
+
+def _parity_rows(a, rows: list, dirs: list, exports: Path) -> dict:
+    from edgeqlora.errors import ParityError
+    from edgeqlora.parity import run_parity
+
+    try:
+        report = run_parity(a.adapter, [str(d) for d in dirs], exports / "parity", None,
+                            examples=a.task_rows, text_tokens=a.text_tokens,
+                            max_new_tokens=a.max_new_tokens, force=True)
+    except ParityError:  # the report is written either way; failing the gate is a result here
+        report = json.loads((exports / "parity" / "parity.json").read_text())
+    ref_em = report["reference"]["task"]["exact_match"]
+    by_dir = {str(p): n for n, p in report["settings"]["candidates"].items()}
+    for row, d in zip([r for r in rows if "error" not in r], dirs):
+        c = report["candidates"][by_dir[str(d)]]
+        em = c["task"]["exact_match"]
+        row.update(exact_match=em, keeps_of_trained=round(em / ref_em, 3) if ref_em else None,
+                   identical_answers=c["task"]["identical_answers"],
+                   kld_vs_trained=c["all"].get("mean_kld"), top1_vs_trained=c["all"].get("top1"),
+                   passed_gate=not report["failures"].get(by_dir[str(d)]))
+    return report
+
+
+def _write_task_table(a, result: dict, rows: list, ref_em: float) -> None:
+    out_json = Path(a.out or ROOT / "bench" / "results" / "onnx_task.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    cols = ["quant", "size_mb", "kld_vs_merged_fp32", "kld_vs_trained", "top1_vs_trained",
+            "exact_match", "keeps_of_trained", "identical_answers"]
+    print(f"trained model (reference): exact match {ref_em:.3f} on {a.task_rows} held-out "
+          "examples")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r.get(c):.4f}" if isinstance(r.get(c), float)
+                                 and c.startswith(("kld", "top1"))
+                                 else str(r.get(c, r.get("error", ""))) for c in cols) + " |")
+    print(f"wrote {out_json}")
 
 
 def main() -> None:
@@ -132,7 +278,23 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--task-rows", type=int, default=40)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx.json"))
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default bench/results/onnx.json, or onnx_task.json "
+                         "with --task-table)")
+    ap.add_argument("--task-table", action="store_true",
+                    help="exact match / KLD vs the trained model of every variant (needs "
+                         "--adapter); writes bench/results/onnx_task.json")
+    ap.add_argument("--exports-dir", help="--task-table: where the exports go (kept; an "
+                    "export of the same adapter and quant already there is reused)")
+    ap.add_argument("--merge-base", default="auto", choices=("auto", "original", "dequantized"))
+    ap.add_argument("--text-tokens", type=int, default=512,
+                    help="--task-table: English text tokens for KLD (parity --text-tokens)")
+    ap.add_argument("--max-new-tokens", type=int, default=48,
+                    help="--task-table: greedy answer length (parity --max-new-tokens)")
+    ap.add_argument("--reference-em", type=float, default=None,
+                    help="--task-table: the trained model's exact match on the same examples "
+                         "(e.g. the quickstart summary's trained_exact_match_parity_set); skips "
+                         "the torch reference and KLD vs the trained model")
     ap.add_argument("--_export", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--_speed", help=argparse.SUPPRESS)
     ap.add_argument("--_task", nargs=2, help=argparse.SUPPRESS)
@@ -140,14 +302,18 @@ def main() -> None:
     a = ap.parse_args()
     job = None
     if a._export:
-        job = lambda: do_export(*a._export)  # noqa: E731
+        job = lambda: do_export(*a._export, merge_base=a.merge_base)  # noqa: E731
     elif a._speed:
         job = lambda: do_speed(a._speed, a.threads, a.prompt_tokens, a.decode_tokens)  # noqa
     elif a._task:
-        job = lambda: task_exact_match(*a._task, a.task_rows)  # noqa: E731
+        job = lambda: task_exact_match(*a._task, a.task_rows, a.max_new_tokens)  # noqa: E731
     if job is not None:
         Path(a._result).write_text(json.dumps(job()))
         return
+    if a.task_table:
+        task_table(a)
+        return
+    a.out = a.out or str(ROOT / "bench" / "results" / "onnx.json")
 
     if a.adapter:
         source, kind = a.adapter, "adapter"
@@ -166,7 +332,8 @@ def main() -> None:
             out = str(Path(scratch) / f"{target}-{quant}")
             row = {"target": target, "quant": quant}
             try:
-                res, rss = _child(["--_export", source, kind, target, quant, out])
+                res, rss = _child(["--_export", source, kind, target, quant, out,
+                                   "--merge-base", a.merge_base])
                 row.update(res, export_peak_rss_mb=round(rss))
                 res, rss = _child(["--_speed", out, "--threads", str(a.threads),
                                    "--prompt-tokens", str(a.prompt_tokens),

@@ -315,28 +315,32 @@ def _onnx_facts(export_dir: Path, manifest: dict[str, Any]) -> ModelFacts:
         raise DeviceError(f"{export_dir} has no config.json; the fit check needs the model's "
                           "architecture (layers, heads) for an ONNX export")
     cfg = read_json(config_path, DeviceError)
-    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                           "vocab_size") if not isinstance(cfg.get(k), int)]
-    if missing:
-        raise DeviceError(f"{config_path} lacks {', '.join(missing)}")
-    n_head = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    kv = cfg.get("num_key_value_heads") or n_head
     files = manifest.get("files") or {}
     size = sum(int(m.get("size_bytes", 0)) for n, m in files.items()
                if n.endswith((".onnx", ".onnx.data", ".data")))
+    return ModelFacts(path=str(export_dir), target="onnx", quant=manifest.get("quant"),
+                      file_bytes=size, **_config_numbers(cfg, config_path))
+
+
+def _config_numbers(cfg: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """The architecture numbers of ``ModelFacts`` from a Hugging Face ``config.json``."""
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                           "vocab_size") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise DeviceError(f"{source} lacks {', '.join(missing)}")
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    kv = cfg.get("num_key_value_heads") or n_head
     n_ff = cfg.get("intermediate_size") or 4 * cfg["hidden_size"]
     layers = cfg["num_hidden_layers"]
     h = cfg["hidden_size"]
     params = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings") else 2) \
         + layers * (2 * h * h + 2 * h * kv * head_dim + 3 * h * n_ff)
-    return ModelFacts(path=str(export_dir), target="onnx", quant=manifest.get("quant"),
-                      architecture=str(cfg.get("model_type", "?")), file_bytes=size,
-                      n_params=params, n_layers=layers, n_embd=h, n_head=n_head, n_ff=n_ff,
-                      n_vocab=cfg["vocab_size"],
-                      n_ctx_train=int(cfg.get("max_position_embeddings") or 0),
-                      kv_values_per_token=layers * kv * 2 * head_dim,
-                      tied_embeddings=bool(cfg.get("tie_word_embeddings")))
+    return dict(architecture=str(cfg.get("model_type", "?")), n_params=params, n_layers=layers,
+                n_embd=h, n_head=n_head, n_ff=n_ff, n_vocab=cfg["vocab_size"],
+                n_ctx_train=int(cfg.get("max_position_embeddings") or 0),
+                kv_values_per_token=layers * kv * 2 * head_dim,
+                tied_embeddings=bool(cfg.get("tie_word_embeddings")))
 
 
 def model_facts(path: str | Path) -> ModelFacts:
@@ -368,6 +372,145 @@ def model_facts(path: str | Path) -> ModelFacts:
         return _onnx_facts(p, manifest)
     raise DeviceError(f"{p}: export target {target!r} is not one the fit check knows "
                       "(gguf, onnx)")
+
+
+# ---------------------------------------------------------------------------------------------
+# predicting an export before it is written (``edgeqlora export --device``)
+
+# GGUF quant -> (type of the weight matrices, type of the output head and of a tied token
+# embedding). The K-quant mixes are llama.cpp's (``llama_tensor_get_type`` in
+# src/llama-quant.cpp: the head at Q6_K); the direct types are this project's own writer
+# (exporters/gguf.py ``_choose_type``: the q4_0 head at Q8_0).
+GGUF_MIX = {
+    "f32": ("F32", "F32"), "f16": ("F16", "F16"), "bf16": ("BF16", "BF16"),
+    "q8_0": ("Q8_0", "Q8_0"), "q4_0": ("Q4_0", "Q8_0"),
+    "q6_k": ("Q6_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q4_k_m": ("Q4_K", "Q6_K"),
+    "q3_k_m": ("Q3_K", "Q6_K"),
+}
+# llama.cpp's type for a row that does not divide into 256-value K blocks
+# ("convert_incompatible_tensor" in the same function; Q3_K -> Q4_0 as llama-cpp-python 0.3.36
+# does it, older releases used IQ4_NL of the same size); the direct writer falls back to F16.
+# Checked against real SmolLM2-135M exports: every mix identical, files within 0.05 %.
+_K_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# GGUF metadata (hyper-parameters, token strings and types, BPE merges) per vocabulary entry:
+# 36.3 bytes measured on SmolLM2's 49,152-token vocabulary, the same in every quant.
+GGUF_METADATA_PER_VOCAB = 37
+# ONNX quant -> (MatMul bits, output-head bits, token-embedding storage), as
+# exporters/onnx.py's RECIPES write them. "int4" and "head": a tied table is read from the
+# quantized head (no copy of its own); untied, it is stored at 4 bits ("int4") or fp16 ("head").
+# Checked against the SmolLM2-135M int4 export: within 0.01 %.
+ONNX_MIX = {
+    "fp32": (32, 32, "fp32"), "fp16": (16, 16, "fp16"), "int8": (8, 8, "fp16"),
+    "int4-q8head": (4, 8, "head"), "int4": (4, 4, "int4"),
+}
+# The ONNX graph (model.onnx without its weights): 1.37 MB measured for SmolLM2's 30 layers.
+ONNX_GRAPH_PER_LAYER = 46_000
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third
+    one between them get the higher type in the _M mixes."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 \
+        or (layer - n_layers // 8) % 3 == 2
+
+
+def _gguf_type(quant: str, name: str, layer: int, n_layers: int) -> str:
+    bulk, head = GGUF_MIX[quant]
+    role = name.rsplit(".", 2)[-2] if name.startswith("blk.") else name
+    if role == "output.weight":
+        return head
+    if quant in ("q4_k_m", "q5_k_m") and role in ("attn_v", "ffn_down") \
+            and _more_bits(layer, n_layers):
+        return "Q6_K"
+    if quant == "q3_k_m":
+        if role == "attn_v":
+            return "Q5_K" if layer < 2 else "Q4_K"
+        if role == "ffn_down":
+            return "Q5_K" if layer < n_layers // 16 else "Q4_K"
+        if role == "attn_output":
+            return "Q4_K"
+    return bulk
+
+
+def predict_facts(config: dict[str, Any], shapes: dict[str, Sequence[int]], target: str,
+                  quant: str, block_size: int = 32, path: str = "") -> ModelFacts:
+    """What an export of a model would look like, before it is written: the facts ``fit``
+    needs, from the model's ``config.json`` and its tensor shapes (Hugging Face names, as in
+    the safetensors headers), with each tensor at the type ``quant`` gives it.
+
+    GGUF follows the per-tensor mix above, including the fallbacks for rows that do not divide
+    into the type's blocks, plus the metadata (within 0.05 % of the real files of SmolLM2-135M
+    for every GGUF quant). ONNX counts MatMul weights at ``bits`` plus one fp32 scale per
+    ``block_size`` values (symmetric: no zero points) plus the graph. Unknown quants raise a
+    DeviceError."""
+    from edgeqlora.errors import require
+
+    numbers = _config_numbers(config, path or "config.json")
+    tied, n_layers = numbers["tied_embeddings"], numbers["n_layers"]
+    weights = {n: list(s) for n, s in shapes.items()
+               if not n.endswith(".rotary_emb.inv_freq") and not (tied and n == "lm_head.weight")}
+    if target == "onnx":
+        if quant not in ONNX_MIX:
+            raise DeviceError(f"no size prediction for ONNX quant {quant!r} (known: "
+                              f"{', '.join(ONNX_MIX)})")
+        bits, head_bits, table = ONNX_MIX[quant]
+
+        def per_value(b: int) -> float:  # bytes per value, block scales included
+            return b / 8 + (4 / block_size if b < 16 else 0)
+
+        table_bytes = {"int4": per_value(4), "head": 2, "fp16": 2, "fp32": 4}[table]
+        size = float(ONNX_GRAPH_PER_LAYER * n_layers)
+        for name, shape in weights.items():
+            n = math.prod(shape)
+            if len(shape) < 2:
+                size += 4 * n
+            elif name == "lm_head.weight":
+                size += n * per_value(head_bits)
+            elif name.endswith("embed_tokens.weight") and tied:
+                # The TorchScript export writes a tied head as its own MatMul weight; the
+                # table is read from it ("int4", "head") or stored beside it.
+                size += n * per_value(head_bits)
+                size += 0 if table in ("int4", "head") else n * table_bytes
+            elif name.endswith("embed_tokens.weight"):
+                size += n * table_bytes
+            else:
+                size += n * per_value(bits)
+        return ModelFacts(path=path, target="onnx", quant=quant, file_bytes=int(size),
+                          **numbers)
+    if target != "gguf":
+        raise DeviceError(f"no size prediction for export target {target!r} (gguf, onnx)")
+    if quant not in GGUF_MIX:
+        raise DeviceError(f"no size prediction for GGUF quant {quant!r} (known: "
+                          f"{', '.join(GGUF_MIX)})")
+    gguf = require("gguf", "gguf", "Predicting a GGUF export's size")
+    # Names as the GGUF writer gives them (gguf's own table; the Llama names cover the Llama
+    # family the exporters take); the name decides the role in the mix.
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    Q = gguf.GGMLQuantizationType
+    tensors = []
+    for hf_name, shape in weights.items():
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias")) or hf_name
+        if tied and name == "token_embd.weight":
+            name_for_type = "output.weight"  # llama.cpp quantizes a tied table as the head
+        else:
+            name_for_type = name
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
+        if len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+            qtype = "F32"
+        else:
+            qtype = _gguf_type(quant, name_for_type, layer, n_layers)
+            if shape[-1] % gguf.GGML_QUANT_SIZES[Q[qtype]][0]:
+                qtype = _K_FALLBACK.get(qtype, "F16") if "_k" in quant else "F16"
+                if shape[-1] % gguf.GGML_QUANT_SIZES[Q[qtype]][0]:
+                    qtype = "F16"
+        block, size = gguf.GGML_QUANT_SIZES[Q[qtype]]
+        n = math.prod(shape)
+        tensors.append(Tensor(name, qtype, shape[0] if len(shape) > 1 else 1, n,
+                              n // block * size))
+    file_bytes = sum(t.n_bytes for t in tensors) + GGUF_METADATA_PER_VOCAB * numbers["n_vocab"]
+    numbers["n_params"] = sum(t.n_elements for t in tensors if t.name.endswith(".weight"))
+    return ModelFacts(path=path, target="gguf", quant=quant, file_bytes=file_bytes,
+                      tensors=tuple(tensors), **numbers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Measure the resident memory of the runtime shim, to check the fit model against reality.
 
-``python -m edgeqlora.devices.measure MODEL --context N --fill T`` loads MODEL (an export dir or
-a .gguf) through ``edgeqlora.runtimes.load`` in this process, decodes a prompt of ``T`` tokens
-plus a few generated ones, and prints JSON: the process RSS before loading (after the runtime's
-imports), the peak RSS (VmHWM) after generating, and the delta. Run it in a fresh interpreter
-(``measure_rss`` does) so that no earlier allocation hides in the numbers. Linux only: it reads
-``/proc/self/status``.
+``python -m edgeqlora.devices.measure MODEL --context N --fill T`` loads MODEL (an export dir of
+any target, or a .gguf) through ``edgeqlora.runtimes.load`` in this process, decodes a prompt of
+``T`` tokens plus a few generated ones, and prints JSON: the process RSS before loading (after
+the runtime's imports), the peak RSS (VmHWM) after generating, and the delta. Run it in a fresh
+interpreter (``measure_rss`` does) so that no earlier allocation hides in the numbers. Linux
+only: it reads ``/proc/self/status``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,38 @@ from edgeqlora.errors import DeviceError
 
 GENERATED = 8
 # Plain English that tokenizes to ~1 token per word: repeated up to the requested fill.
-_FILLER = ("The kitchen light is on and the heating in the living room is set to twenty "
+FILLER = ("The kitchen light is on and the heating in the living room is set to twenty "
            "degrees while the front door stays locked. ")
 
 
-def _status() -> dict[str, int]:
+# Per export target: the modules its runtime loads, imported before the baseline so that their
+# code and libraries count as process base, not as the model's memory.
+BACKEND_MODULES: dict[str, tuple[str, ...]] = {
+    "gguf": ("edgeqlora.runtimes.gguf", "llama_cpp"),
+    "onnx": ("edgeqlora.runtimes.onnx", "onnxruntime", "tokenizers"),
+}
+
+
+def export_target(model: str | Path) -> str:
+    """The runtime target of MODEL as ``runtimes.load`` decides it: the manifest's ``target``
+    for an export dir, the magic bytes for a bare file."""
+    from edgeqlora.artifacts import read_manifest
+    from edgeqlora.runtimes.gguf import is_gguf
+
+    p = Path(model)
+    if p.is_dir():
+        target = read_manifest(p).get("target")
+        if target not in BACKEND_MODULES:
+            raise DeviceError(f"{p}: export target {target!r} has no memory measurement; known: "
+                              f"{', '.join(sorted(BACKEND_MODULES))}")
+        return target
+    if is_gguf(p):
+        return "gguf"
+    raise DeviceError(f"{p} is neither an export directory nor a GGUF file")
+
+
+def process_memory() -> dict[str, int]:
+    """This process's VmRSS, VmHWM (peak RSS), RssAnon and RssFile in bytes (Linux)."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -39,18 +66,18 @@ def _status() -> dict[str, int]:
 def _measure(model: str, context: int, fill: int, threads: int) -> dict[str, Any]:
     from edgeqlora import runtimes
 
-    # Import the backend before the baseline so that its libraries count as process base.
-    importlib.import_module("edgeqlora.runtimes.gguf")
-    importlib.import_module("llama_cpp")
+    target = export_target(model)
+    for name in BACKEND_MODULES[target]:
+        importlib.import_module(name)
 
-    before = _status()
+    before = process_memory()
     rt = runtimes.load(model, n_ctx=context, n_threads=threads)
-    loaded = _status()
-    ids = rt.tokenize(_FILLER * (fill // 10 + 2))[:fill]
+    loaded = process_memory()
+    ids = rt.tokenize(FILLER * (fill // 10 + 2))[:fill]
     rt.generate(ids, max_new_tokens=min(GENERATED, context - len(ids)))
-    after = _status()
+    after = process_memory()
     rt.close()
-    return {"model": model, "context": context, "prompt_tokens": len(ids),
+    return {"model": model, "runtime": target, "context": context, "prompt_tokens": len(ids),
             "generated_tokens": GENERATED, "base_rss": before["VmRSS"],
             "loaded_rss": loaded["VmRSS"], "peak_rss": after["VmHWM"],
             "delta_rss": after["VmHWM"] - before["VmRSS"],

@@ -118,6 +118,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: all cores but one; EDGEQLORA_THREADS overrides)")
     p.add_argument("--n-ctx", type=int, default=None, help="context window in tokens "
                    "(default 2048)")
+    p.add_argument("--lora", default=None, metavar="ADAPTER",
+                   help="a LoRA adapter to apply on the base at load time: a GGUF LoRA for a "
+                        "GGUF base, an onnxruntime adapter file for an ONNX base exported with "
+                        "LoRA inputs")
+    p.add_argument("--lora-scale", type=float, default=None,
+                   help="GGUF only: the adapter's strength (default 1.0)")
 
 
 def _load_runtime(args):
@@ -128,6 +134,10 @@ def _load_runtime(args):
         kwargs["n_threads"] = args.threads
     if args.n_ctx is not None:
         kwargs["n_ctx"] = args.n_ctx
+    if args.lora is not None:
+        kwargs["lora_path"] = args.lora
+    if args.lora_scale is not None:
+        kwargs["lora_scale"] = args.lora_scale
     return load(args.export, **kwargs)
 
 
@@ -250,9 +260,19 @@ def _add_export(sub):
     p.add_argument("--out", required=True, help="export directory to write")
     p.add_argument("--target", default=None, help="export target (default export.target: gguf)")
     p.add_argument("--quant", default=None,
-                   help="quant type (default: export.quant for gguf, q4_k_m; int4-q8head for "
-                        "onnx); gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k q3_k_m; onnx: "
-                        "int4-q8head int4 int4-kquant int4-kquant-last int8 fp16 fp32 nf4-exact")
+                   help="quant type (default: export.quant for gguf, q4_k_m; int4-gptq for "
+                        "onnx; with --device: chosen for the device); gguf: f32 f16 bf16 q8_0 "
+                        "q4_0 q4_k_m q5_k_m q6_k q3_k_m; onnx: int4-gptq int4-gptq-q8head "
+                        "int4-hqq int4-hqq-q8head int4-q8head int4 int4-kquant "
+                        "int4-kquant-last int8 fp16 fp32 nf4-exact")
+    p.add_argument("--device", default=None,
+                   help="a device profile name (see 'edgeqlora devices list') or a .toml "
+                        "file: export the highest-precision quant that fits it and passes the "
+                        "parity gate (with --quant: that quant, refused if it does not fit); "
+                        "the choice and why go in the manifest")
+    p.add_argument("--context", type=int, default=None,
+                   help="with --device: context window in tokens the memory is sized for "
+                        "(default 2048)")
     p.add_argument("--merge-base", default=None, choices=("auto", "original", "dequantized"),
                    help="weights the adapter is merged into (default export.merge_base: auto)")
     p.add_argument("--adapter-only", action="store_true",
@@ -271,6 +291,15 @@ def _add_export(sub):
     p.add_argument("--asymmetric", action="store_true", help="onnx: asymmetric int4")
     p.add_argument("--context-length", type=int, default=None,
                    help="onnx: context length (onnxruntime-genai max_length)")
+    p.add_argument("--calibration-data", default=None, metavar="SPEC",
+                   help="onnx int4-gptq*: data to calibrate on (default: the data the adapter "
+                        "was trained on, from its manifest)")
+    p.add_argument("--calibration-rows", type=int, default=None,
+                   help="onnx int4-gptq*: calibration conversations (default 64)")
+    p.add_argument("--imatrix", default=None, metavar="none|auto|PATH",
+                   help="gguf k-quants/q4_0: quantize with an importance matrix from the "
+                        "adapter's training data (auto) or calibration rows in PATH "
+                        "(default export.imatrix: none)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out; keep an export that fails verification")
     p.set_defaults(func=_cmd_export)
@@ -281,19 +310,32 @@ def _cmd_export(args) -> int:
 
     cfg = _load_cfg(args)
     target = args.target or cfg.export.target
-    # export.quant names a GGUF type; other targets use their own default unless asked.
-    quant = args.quant or (cfg.export.quant if target == cfg.export.target else None)
+    # export.quant names a GGUF type; other targets use their own default unless asked. With
+    # --device the quant is the device's choice unless --quant names one.
+    quant = args.quant or (cfg.export.quant if target == cfg.export.target and not args.device
+                           else None)
+    if args.device is None and args.context is not None:
+        from .errors import ConfigError
+
+        raise ConfigError("--context sizes the memory for --device; pass --device too (the "
+                          "ONNX runtime's own context is --context-length)")
     options = {k: v for k, v in (("block_size", args.block_size),
                                  ("accuracy_level", args.accuracy_level),
-                                 ("context_length", args.context_length)) if v is not None}
+                                 ("context_length", args.context_length),
+                                 ("calibration_data", args.calibration_data),
+                                 ("calibration_rows", args.calibration_rows)) if v is not None}
     if args.asymmetric:
         options["symmetric"] = False
+    if (args.imatrix or cfg.export.imatrix).strip().lower() != "none":
+        options["imatrix"] = args.imatrix or cfg.export.imatrix
     manifest = export(target, Path(args.adapter), Path(args.out), quant=quant,
                       merge_base=args.merge_base or cfg.export.merge_base,
                       adapter_only=args.adapter_only, adapter_quant=args.adapter_quant,
                       force=args.force, eval_tokens=cfg.export.eval_tokens, cfg=cfg,
                       thresholds={"min_top1": args.min_top1, "max_kld": args.max_kld},
-                      progress=sys.stderr.isatty(), parity=not args.no_parity, **options)
+                      progress=sys.stderr.isatty(), parity=not args.no_parity,
+                      device=args.device,
+                      context=2048 if args.context is None else args.context, **options)
     merge, check = manifest.get("merge", {}), manifest.get("verification", {})
     klds = ", ".join(f"{k} {v:.4f}" for k, v in merge.get("kld", {}).items())
     mix = ", ".join(f"{k}x{v}" for k, v in sorted((manifest.get("quant_mix") or {}).items()))
@@ -320,6 +362,12 @@ def _cmd_export(args) -> int:
         rows.append(("runtime check", check.get("runtime", "")))
     size = sum(f["size_bytes"] for f in manifest["files"].values())
     rows.append(("size", f"{size / 2**20:.1f} MiB"))
+    dev = manifest.get("device")
+    if dev:
+        rows.append(("device", f"{dev['name']}: {dev['verdict']}, {dev['total_bytes'] / 2**20:.0f}"
+                               f" MiB resident predicted of {dev['usable_bytes'] / 2**20:.0f} MiB "
+                               f"usable at context {dev['context']}"))
+        rows.append(("why", dev["reason"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

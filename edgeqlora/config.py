@@ -42,6 +42,9 @@ class ExportConfig:
     merge_base: str = "auto"
     # Tokens of held-out data used to measure merge bases and verify exports.
     eval_tokens: int = 2048
+    # GGUF K-quants/Q4_0: importance matrix from "none", "auto" (the adapter's training data) or
+    # a path to calibration rows (exporters/gguf_imatrix.py).
+    imatrix: str = "none"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class Config:
     max_grad_norm: float = 1.0
     max_len: int = 256
     packing: bool = True
+    # Packed rows hold the batch's common unlabelled prefix (a system prompt) once.
+    share_prefix: bool = True
     grad_checkpointing: bool = False
     seed: int = 0
     # Checkpoints and evaluation.

@@ -23,7 +23,7 @@ def greedy_generate(model, tokenizer, conversations: list[list[dict]], max_new_t
                     ) -> list[str]:
     """Greedy completions of ``conversations`` (chat messages ending before the answer), in
     batches, left-padded; prompts are sorted by length so a batch wastes little padding."""
-    from .qlora import dequantized_for_eval, guard_cpu_4bit
+    from .qlora import dequantized_weights, guard_cpu_4bit
 
     guard_cpu_4bit(model)
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
@@ -41,7 +41,7 @@ def greedy_generate(model, tokenizer, conversations: list[list[dict]], max_new_t
     was_training = model.training
     model.eval()
     try:
-        with dequantized_for_eval(model):
+        with dequantized_weights(model):
             _generate_batches(model, tokenizer, encoded, order, outputs, pad_id, eos,
                               max_new_tokens, batch_size, device, on_batch)
     finally:
@@ -76,14 +76,14 @@ def eval_loss(model, batches: Iterable[dict]) -> dict[str, float]:
     """Mean next-token loss over the labelled (answer) tokens of ``batches``."""
     import torch
 
-    from .qlora import dequantized_for_eval, guard_cpu_4bit, token_loss
+    from .qlora import dequantized_weights, guard_cpu_4bit, token_loss
 
     guard_cpu_4bit(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad(), dequantized_for_eval(model):
+        with torch.no_grad(), dequantized_weights(model):
             for batch in batches:
                 loss_sum, n = token_loss(model, batch)
                 total += float(loss_sum)

@@ -514,21 +514,23 @@ def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .parity import distinct_positions
     from .qlora import load_trained, logit_agreement
 
     trained = load_trained(adapter_dir, device="cpu")
     manifest = read_manifest(adapter_dir, kind="adapter")
     tok = AutoTokenizer.from_pretrained(next(iter(candidates.values())))
     seqs = heldout_sequences(manifest, tok, eval_tokens)
+    keeps = [torch.from_numpy(k) for k in distinct_positions(seqs)]  # shared prompt once
     scores = {}
     for name, path in candidates.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         top1 = kld = 0.0
         tokens = 0
         with torch.no_grad():
-            for ids in seqs:
+            for ids, keep in zip(seqs, keeps):
                 x = torch.tensor([ids])
-                s = logit_agreement(trained(x).logits[0], model(x).logits[0])
+                s = logit_agreement(trained(x).logits[0][keep], model(x).logits[0][keep])
                 top1 += s["top1"] * s["tokens"]
                 kld += s["kld"] * s["tokens"]
                 tokens += s["tokens"]

@@ -76,6 +76,30 @@ def top1_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
     return float((ref.argmax(axis=-1) == cand.argmax(axis=-1)).mean())
 
 
+def distinct_positions(sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """For each sequence, a boolean mask of the positions whose context (the tokens up to and
+    including that position) no earlier position of any sequence had.
+
+    A position's next-token prediction depends only on its context, so a context seen before is
+    the same measurement again: held-out chat examples that share a system prompt would
+    otherwise count every prompt position once per example (28 of the embedded task's ~72
+    tokens), and one near-tie flipped inside the prompt would move top-1 agreement by a whole
+    position per example. Metrics are taken over distinct contexts only. (A token trie: no
+    library offers this.)"""
+    root: dict = {}
+    masks = []
+    for ids in sequences:
+        node, keep = root, np.zeros(len(ids), dtype=bool)
+        for t, tok in enumerate(ids):
+            child = node.get(tok)
+            if child is None:
+                child = node[tok] = {}
+                keep[t] = True
+            node = child
+        masks.append(keep)
+    return masks
+
+
 def nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
     """Negative log-likelihood of ``targets[i]`` under ``logits[i]``: ``[n]``."""
     lp = log_softmax(np.atleast_2d(logits))
@@ -231,11 +255,14 @@ class _Acc:
     ref_nll: list = field(default_factory=list)
     cand_nll: list = field(default_factory=list)
 
-    def add(self, ref: np.ndarray, cand: np.ndarray, ids: list[int]) -> None:
-        self.kld.append(kl_divergence(ref, cand))
-        self.top1.append(ref.argmax(-1) == cand.argmax(-1))
-        self.ref_nll.append(nll(ref[:-1], ids[1:]))
-        self.cand_nll.append(nll(cand[:-1], ids[1:]))
+    def add(self, ref: np.ndarray, cand: np.ndarray, ids: list[int],
+            keep: np.ndarray | None = None) -> None:
+        """One sequence's logits; ``keep`` masks the positions that count (distinct contexts)."""
+        keep = np.ones(len(ids), dtype=bool) if keep is None else keep
+        self.kld.append(kl_divergence(ref, cand)[keep])
+        self.top1.append((ref.argmax(-1) == cand.argmax(-1))[keep])
+        self.ref_nll.append(nll(ref[:-1], ids[1:])[keep[:-1]])
+        self.cand_nll.append(nll(cand[:-1], ids[1:])[keep[:-1]])
 
     def summary(self) -> dict[str, float]:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
@@ -252,13 +279,15 @@ def compare(reference: Reference, candidates: Mapping[str, Any], task: TaskSet,
     sets = {"task": [s for s in task_seqs if len(s) >= 2], "text": text_seqs}
     acc = {name: {s: _Acc() for s in ("task", "text", "all")} for name in candidates}
     for set_name, seqs in sets.items():
-        for i, ids in enumerate(seqs):
+        # Held-out examples share their system prompt: each distinct context counts once.
+        keeps = distinct_positions(seqs)
+        for i, (ids, keep) in enumerate(zip(seqs, keeps)):
             say(f"logits: {set_name} {i + 1}/{len(seqs)}")
             ref = reference.logits(ids)
             for name, rt in candidates.items():
                 cand = rt.logits(ids)
-                acc[name][set_name].add(ref, cand, ids)
-                acc[name]["all"].add(ref, cand, ids)
+                acc[name][set_name].add(ref, cand, ids, keep)
+                acc[name]["all"].add(ref, cand, ids, keep)
 
     prompts = task.prompts
     say(f"greedy answers: reference ({len(prompts)} prompts)")

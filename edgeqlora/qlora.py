@@ -85,14 +85,18 @@ def guard_cpu_4bit(model) -> int:
 
 
 @contextlib.contextmanager
-def dequantized_for_eval(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
+def dequantized_weights(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
     """While inside, 4-bit layers on CPU use a weight dequantized once instead of at every call.
 
-    On CPU bitsandbytes computes a 4-bit layer as ``linear(x, dequantize_4bit(W))``, so greedy
-    decoding dequantizes every weight at every generated token; caching the dequantized weight
-    gives bit-identical outputs (same dequantization, same ``linear``) several times faster.
-    For evaluation only (no backward through the cache); skipped on GPU, where bitsandbytes has
-    fused kernels, and when the cache would exceed ``max_bytes``. Yields the cached layer count.
+    On CPU bitsandbytes computes a 4-bit layer as ``linear(x, dequantize_4bit(W))`` forward and
+    ``grad @ dequantize_4bit(W)`` backward, so every step (and, in greedy decoding, every
+    generated token) dequantizes every weight again; caching the dequantized weight gives the
+    same outputs (same dequantization, same ``linear``: bit-identical forward, tested) and the
+    same input gradients, at the cost of holding the weights in the compute dtype. The cached
+    weight is a plain tensor, not a parameter: gradients flow to the input (and so to the LoRA
+    adapters around it), never into it. Skipped on GPU, where bitsandbytes has fused kernels and
+    the memory is the point, and when the cache would exceed ``max_bytes``. Nesting is safe: an
+    inner use leaves layers cached by an outer one alone. Yields the cached layer count.
     """
     try:
         import bitsandbytes as bnb
@@ -108,6 +112,8 @@ def dequantized_for_eval(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
         yield 0
         return
     guard_cpu_4bit(model)
+    # A layer whose instance already has a forward is cached by an enclosing use.
+    mine = [m for m in layers if "forward" not in vars(m)]
 
     def cached_forward(module, weight):
         def forward(x):
@@ -117,13 +123,13 @@ def dequantized_for_eval(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
             return F.linear(x, weight, bias).to(inp_dtype)
         return forward
 
-    for m in layers:
+    for m in mine:
         weight = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
         m.forward = cached_forward(m, weight.to(m.compute_dtype))
     try:
         yield len(layers)
     finally:
-        for m in layers:
+        for m in mine:
             del m.forward  # back to the class's forward
 
 
@@ -399,6 +405,18 @@ def quantization_loss(model_fp, model_q, token_ids) -> dict[str, float]:
 _PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2")
 
 
+def attention_kind(model) -> str:
+    """The model's attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(inner.config, "_attn_implementation", None) or "eager")
+
+
+def supports_shared_prefix(model) -> bool:
+    """Whether ``token_loss`` can take shared-prefix rows (a custom 4D attention mask): sdpa and
+    eager attention take one as it is; flash attention does not."""
+    return attention_kind(model) in ("sdpa", "eager")
+
+
 def token_loss(model, batch) -> tuple["Any", int]:
     """Sum of next-token cross-entropy over the positions with a label (-100 = no label), and
     how many there are: ``(loss_sum, n_tokens)``.
@@ -407,8 +425,10 @@ def token_loss(model, batch) -> tuple["Any", int]:
     heads the output projection and the softmax over the vocabulary run only on those positions:
     on a 49k vocabulary that is most of the memory of a step and a good share of its time.
     ``batch`` holds ``input_ids``, ``labels`` and optionally ``attention_mask`` / ``position_ids``
-    (packed rows: position ids restart per example and examples do not attend to each other).
+    (packed rows: position ids restart per example and examples do not attend to each other;
+    shared-prefix rows: a boolean 4D mask, see ``data.collate_shared_prefix``).
     """
+    import torch
     import torch.nn.functional as F
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -417,6 +437,14 @@ def token_loss(model, batch) -> tuple["Any", int]:
     mask = targets != -100
     n_tokens = int(mask.sum())
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    mask4d = kwargs.get("attention_mask")
+    if mask4d is not None and mask4d.dim() == 4 and mask4d.dtype == torch.bool \
+            and attention_kind(inner) != "sdpa":
+        # Shared-prefix rows carry a boolean "may attend" mask; eager attention adds its mask
+        # to the scores, so it needs the additive form.
+        kwargs["attention_mask"] = torch.zeros(mask4d.shape, dtype=torch.float32,
+                                               device=mask4d.device).masked_fill(
+            ~mask4d, torch.finfo(torch.float32).min)
     if getattr(inner.config, "model_type", None) in _PLAIN_HEAD_TYPES:
         hidden = inner.get_decoder()(input_ids=batch["input_ids"], use_cache=False,
                                      **kwargs).last_hidden_state

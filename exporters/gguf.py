@@ -15,8 +15,10 @@ the layout is never hand-rolled. What this module gets right itself, following l
 Quant types F32/F16/BF16/Q8_0/Q4_0 are written directly, tensor by tensor (streaming). K-quants
 (Q4_K_M, Q5_K_M, Q6_K, Q3_K_M) go through llama.cpp's own quantizer in llama-cpp-python from an
 F32 GGUF; its per-tensor type mix (fallbacks for rows not divisible by 256) is read back and
-reported. ``verify`` re-opens the file, runs it in llama.cpp and compares logits and tokenization
-with the reference checkpoint in torch.
+reported. With ``imatrix`` (calibration rows; ``auto``: the adapter's training data) the tensors
+whose type uses an importance matrix are then re-quantized with one (``gguf_imatrix``). ``verify``
+re-opens the file, runs it in llama.cpp and compares logits and tokenization with the reference
+checkpoint in torch.
 """
 
 from __future__ import annotations
@@ -627,18 +629,21 @@ def gguf_logits(model_path: Path, sequences: list[list[int]], lora_path: Path | 
 def compare_with_torch(model_path: Path, reference_dir: Path, sequences: list[list[int]],
                        lora_path: Path | None = None) -> dict[str, float]:
     """Top-1 agreement and mean KLD of the GGUF in llama.cpp against the reference checkpoint in
-    fp32 torch, sequence by sequence."""
+    fp32 torch, sequence by sequence, over distinct contexts (``parity.distinct_positions``)."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from edgeqlora.parity import distinct_positions
 
     model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     llm = _llama(model_path, max(len(s) for s in sequences) + 8, lora_path)
     acc = _Agreement()
     try:
         with torch.no_grad():
-            for ids in sequences:
+            # A shared system prompt counts once, not once per held-out example.
+            for ids, keep in zip(sequences, distinct_positions(sequences)):
                 ref = model(torch.tensor([ids])).logits[0]
-                acc.add(ref, _gguf_seq_logits(llm, ids))
+                acc.add(ref[torch.from_numpy(keep)], _gguf_seq_logits(llm, ids)[keep])
     finally:
         llm.close()
     return acc.result()
@@ -744,34 +749,67 @@ def default_thresholds(quant: str) -> dict[str, float]:
 def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
                  lora: dict[str, tuple[Any, Any, float]] | None = None,
                  adapter_quant: str = "q8_0", name: str = "model",
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, imatrix: str | None = None,
+                 imatrix_source: str | None = None,
+                 imatrix_rows: int | None = None) -> dict[str, Any]:
     """Write a GGUF export into ``out_dir`` (an existing, empty temporary directory).
 
     Full model: ``model_dir`` is the merged checkpoint -> ``<name>.<quant>.gguf``. Adapter-only
     (``lora`` given): ``model_dir`` is the unmerged base -> ``base.<quant>.gguf`` plus
     ``adapter.<adapter_quant>.gguf``. Tokenizer files, chat template and an Ollama Modelfile go
-    beside them."""
+    beside them.
+
+    ``imatrix``: ``none`` or a data spec of calibration rows (``auto`` is turned into the
+    adapter's training data by ``resolve_options``): the K-quant / Q4_0 tensors are quantized
+    with an importance matrix from ``imatrix_rows`` of them (``gguf_imatrix``); recorded under
+    ``info["imatrix"]``. Types that do not use one (f32/f16/bf16/q8_0) get a note instead."""
     import shutil
     import tempfile
 
     from edgeqlora.merge import TOKENIZER_FILES
 
+    from . import gguf_imatrix as IM
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     quant = check_quant(quant)
+    source = IM.check_imatrix(imatrix)
     stem = "base" if lora is not None else name
     model_file = out_dir / f"{stem}.{quant}.gguf"
     info: dict[str, Any] = {"quant": quant, "model_file": model_file.name}
-    if quant in DIRECT_QUANTS:
+    im = None
+    if source != IM.NONE and quant not in IM.IMATRIX_QUANTS:
+        info["imatrix"] = {"source": imatrix_source or source, "used": False,
+                           "note": f"{quant} does not use an importance matrix (llama.cpp "
+                                   "ignores one for F32/F16/BF16/Q8_0); not computed"}
+    elif source == IM.AUTO:
+        raise ConfigError("imatrix=auto means the adapter's training data, which the export "
+                          "stage resolves (edgeqlora.export.export_adapter, or "
+                          "resolve_options(options, adapter_manifest)); here pass a data spec")
+    elif source != IM.NONE:
+        # Before any file is written: bad calibration data fails here.
+        im, record = IM.build_imatrix(model_dir, source, imatrix_rows or IM.DEFAULT_ROWS,
+                                      progress=progress)
+        info["imatrix"] = {"source": imatrix_source or source, "used": True, **record}
+    if quant in DIRECT_QUANTS and im is None:
         info.update(write_model_gguf(model_dir, model_file, quant, name=stem, progress=progress))
         info["plan"] = plan_tensors(model_dir, read_config(model_dir), quant)
     else:
         # llama.cpp quantizes from an F32 GGUF (exact merged weights), written beside the
         # output so a full disk shows up here and the temporary goes away with the directory.
+        # The imatrix pass re-quantizes from it too.
         with tempfile.TemporaryDirectory(prefix=".f32-", dir=out_dir.parent) as scratch:
             f32 = Path(scratch) / "model.f32.gguf"
             info.update(write_model_gguf(model_dir, f32, "f32", name=stem, progress=progress))
-            quantize_gguf(f32, model_file, quant)
-        info["plan"] = None
+            if quant in DIRECT_QUANTS:
+                write_model_gguf(model_dir, model_file, quant, name=stem, progress=progress)
+                info["plan"] = plan_tensors(model_dir, read_config(model_dir), quant)
+            else:
+                quantize_gguf(f32, model_file, quant)
+                info["plan"] = None
+            if im is not None:
+                done = IM.apply_imatrix(f32, model_file, im, progress=progress)
+                info["imatrix"].update(requantized=len(done["requantized"]),
+                                       without_imatrix=done["without_imatrix"])
     if lora is not None:
         adapter_quant = check_adapter_quant(adapter_quant)
         adapter_file = out_dir / f"adapter.{adapter_quant}.gguf"
@@ -786,6 +824,23 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
     (out_dir / "Modelfile").write_text(modelfile(model_dir, model_file.name,
                                                  info.get("adapter_file")))
     return info
+
+
+def resolve_options(options: dict[str, Any], adapter_manifest: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """Export options that depend on the adapter, resolved before the merge (so bad input fails
+    in a second): ``imatrix=auto`` -> the data spec the adapter was trained on; a path that
+    does not exist is refused."""
+    from . import gguf_imatrix as IM
+
+    out = dict(options)
+    source = IM.check_imatrix(out.get("imatrix"))
+    if source == IM.AUTO:
+        out["imatrix"] = IM.training_data_spec(adapter_manifest)
+        out["imatrix_source"] = "auto (the adapter's training data)"
+    elif "imatrix" in out:
+        out["imatrix"] = source
+    return out
 
 
 def verify_export(out_dir: str | Path, info: dict[str, Any], reference_dir: str | Path,

@@ -8,6 +8,13 @@ per-token buffer is 32 bytes, which truncates long tokens.
 Sampling is plain: top-k, top-p, temperature, no min-p and no repetition penalty, so that
 temperature 0 is exactly the argmax of the model's logits, what the parity gate compares.
 
+LoRA adapters (GGUF ``general.type=adapter``, as ``edgeqlora export --adapter-only`` and
+llama.cpp's ``convert_lora_to_gguf.py`` write them) are loaded with llama.cpp's own adapter API
+and switched on the context with ``set_adapter``, without reloading the base; each adapter file
+is read once and kept until ``close``. ``Llama(lora_path=...)`` is not used: in
+llama-cpp-python 0.3.36 it checks the adapter pointer with ``is None``, which a NULL ctypes
+pointer never is, so an adapter made for another base crashes the process instead of raising.
+
 Logits for every position (the parity gate's input) are decoded through llama.cpp's batch API
 with an output flag on every token, chunk by chunk. ``Llama(logits_all=True)`` would do it too,
 but it keeps an ``n_ctx x vocab`` float32 array alive for the model's whole life (400 MB for a
@@ -17,6 +24,7 @@ but it keeps an ``n_ctx x vocab`` float32 array alive for the model's whole life
 from __future__ import annotations
 
 import ctypes
+import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -73,11 +81,8 @@ class GGUFRuntime(Runtime):
         if not is_gguf(self.path):
             raise InputError(f"{self.path} is not a GGUF file (its first bytes are not 'GGUF')")
         if lora_path is not None:
-            lora_path = Path(lora_path)
-            if not is_gguf(lora_path):
-                raise InputError(f"LoRA adapter {lora_path} is missing or not a GGUF file; "
-                                 "convert a PEFT adapter with llama.cpp's "
-                                 "convert_lora_to_gguf.py")
+            # Checked before the base loads, so a wrong path fails fast.
+            lora_path = _check_adapter_file(Path(lora_path))
         self.n_threads = int(n_threads) if n_threads else default_threads()
         if self.n_threads < 1:
             raise InputError(f"n_threads={n_threads} must be >= 1")
@@ -95,9 +100,7 @@ class GGUFRuntime(Runtime):
                     return llama_cpp.Llama(
                         model_path=str(self.path), n_ctx=ctx, n_batch=n_batch,
                         n_ubatch=n_batch, n_threads=self.n_threads,
-                        n_threads_batch=self.n_threads,
-                        lora_path=str(lora_path) if lora_path else None,
-                        lora_scale=lora_scale, logits_all=False, verbose=False)
+                        n_threads_batch=self.n_threads, logits_all=False, verbose=False)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise InputError(f"llama.cpp could not load {self.path} ({exc}); the file is "
                                  "truncated, corrupt or of an architecture this "
@@ -118,7 +121,16 @@ class GGUFRuntime(Runtime):
         self.vocab_size = int(self._llm.n_vocab())
         self.n_ctx = int(self._llm.n_ctx())
         self.metadata = dict(self._llm.metadata)
-        self.lora_path = lora_path
+        # Resolved adapter path -> (llama_adapter_lora pointer, file size, mtime): loaded once.
+        self._adapters: dict[Path, tuple[Any, int, int]] = {}
+        self.lora_path: Path | None = None
+        self.lora_scale = 1.0
+        if lora_path is not None:
+            try:
+                self.set_adapter(lora_path, lora_scale)
+            except BaseException:
+                self.close()
+                raise
         self.prompt_cache = bool(prompt_cache)
         tokenizer = dict(tokenizer or {})
         self.special_tokens = self._special_tokens(tokenizer)
@@ -142,6 +154,62 @@ class GGUFRuntime(Runtime):
             if raw is not None and raw.lstrip("-").isdigit() and 0 <= int(raw) < self.vocab_size:
                 out[name] = self._llm._model.token_get_text(int(raw))
         return out
+
+    # -- LoRA adapters -------------------------------------------------------------------------
+
+    def set_adapter(self, path: str | Path | None, scale: float = 1.0) -> None:
+        """Apply the LoRA adapter GGUF at ``path`` (scaled by ``scale``) instead of the current
+        one, without reloading the base; ``None`` runs the base alone.
+
+        An adapter file is read once and kept until ``close``, so switching back and forth costs
+        no file I/O. The prompt cache is dropped: its keys and values came from the old adapter.
+        """
+        llm = self._llm
+        if llm is None:
+            raise InputError(f"{self.path}: the runtime is closed")
+        if path is None:
+            if self._lib.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None) != 0:
+                raise RuntimeError("llama.cpp refused to clear the LoRA adapters")
+            self.lora_path, self.lora_scale = None, 1.0
+            llm.reset()
+            return
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale):
+            raise InputError(f"LoRA scale={scale!r} must be a finite number")
+        path = _check_adapter_file(Path(path))
+        adapter = self._adapter(path)
+        adapters = (self._lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(float(scale))
+        if self._lib.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales) != 0:
+            raise InputError(f"llama.cpp could not apply LoRA adapter {path} to {self.path}")
+        self.lora_path, self.lora_scale = path, float(scale)
+        llm.reset()
+
+    def _adapter(self, path: Path):
+        key = path.resolve()
+        st = key.stat()
+        cached = self._adapters.get(key)
+        if cached is not None and cached[1:] == (st.st_size, st.st_mtime_ns):
+            return cached[0]
+        with _LlamaLog(self._lib) as log:
+            adapter = self._lib.llama_adapter_lora_init(self._llm._model.model,
+                                                        str(key).encode("utf-8"))
+        # Failure is a NULL pointer (falsy), not None; the reason only goes to llama.cpp's log.
+        if not adapter:
+            reason = log.error() or "no reason given"
+            raise InputError(f"llama.cpp could not load LoRA adapter {path} for {self.path.name} "
+                             f"(llama_adapter_lora_init returned NULL: {reason}); it must be a "
+                             "GGUF LoRA made for this very base model, e.g. by 'edgeqlora "
+                             "export --adapter-only' from an adapter trained on it")
+        if cached is not None:  # the file changed on disk: drop the stale copy
+            self._free_adapter(cached[0])
+        self._adapters[key] = (adapter, st.st_size, st.st_mtime_ns)
+        return adapter
+
+    def _free_adapter(self, adapter) -> None:
+        # Detach before freeing: the context may still point at it.
+        self._lib.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
+        self._lib.llama_adapter_lora_free(adapter)
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -239,13 +307,66 @@ class GGUFRuntime(Runtime):
                 "architecture": self.metadata.get("general.architecture"),
                 "file_type": self.metadata.get("general.file_type"),
                 "size_bytes": self.path.stat().st_size,
-                "lora": str(self.lora_path) if self.lora_path else None}
+                "lora": str(self.lora_path) if self.lora_path else None,
+                "lora_scale": self.lora_scale if self.lora_path else None,
+                "loaded_adapters": [str(p) for p in self._adapters]}
 
     def close(self) -> None:
         llm = getattr(self, "_llm", None)
         if llm is not None:
+            # Adapters before the model, as Llama frees its own lora_path adapter.
+            for adapter, _, _ in getattr(self, "_adapters", {}).values():
+                self._free_adapter(adapter)
+            self._adapters = {}
             llm.close()
             self._llm = None
+
+
+def _check_adapter_file(path: Path) -> Path:
+    if not path.is_file():
+        raise InputError(f"LoRA adapter {path} does not exist")
+    if not is_gguf(path):
+        raise InputError(f"LoRA adapter {path} is not a GGUF file (its first bytes are not "
+                         "'GGUF'); export it with 'edgeqlora export --adapter-only' or convert a "
+                         "PEFT adapter with llama.cpp's convert_lora_to_gguf.py")
+    return path
+
+
+class _LlamaLog:
+    """Collect llama.cpp's log while a call runs, then give the log back to llama-cpp-python.
+
+    llama.cpp reports why an adapter did not load (wrong shape, wrong general.type, truncated
+    file) only in its log; the C API returns NULL. Not thread-safe, like the runtime itself.
+    """
+
+    # ggml.h: enum ggml_log_level {NONE, DEBUG, INFO, WARN, ERROR, CONT}
+    _WARN, _ERROR = 3, 4
+
+    def __init__(self, lib):
+        self._lib = lib
+        self.lines: list[tuple[int, str]] = []
+
+        def collect(level, text, user_data):
+            self.lines.append((int(level), text.decode("utf-8", errors="replace").strip()))
+
+        self._callback = lib.llama_log_callback(collect)  # kept alive while installed
+
+    def __enter__(self):
+        # Whatever logger is installed (llama-cpp-python's, or a user's) comes back afterwards.
+        self._previous = (self._lib.llama_log_callback(), ctypes.c_void_p())
+        self._lib.llama_log_get(ctypes.byref(self._previous[0]),
+                                ctypes.byref(self._previous[1]))
+        self._lib.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        self._lib.llama_log_set(*self._previous)
+
+    def error(self) -> str:
+        errors = [t for level, t in self.lines if level == self._ERROR and t]
+        errors = errors or [t for level, t in self.lines if level == self._WARN and t]
+        # "llama_adapter_lora_init_from_file_ptr: failed to ..." -> "failed to ..."
+        return "; ".join(t.split(": ", 1)[-1] for t in errors)
 
 
 def load_gguf(model_path: Path, export_dir: Path | None = None,

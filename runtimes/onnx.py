@@ -61,7 +61,10 @@ class ONNXRuntime(Runtime):
     def __init__(self, model_path: str | Path, export_dir: str | Path | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None,
                  providers: Sequence[str] | None = None, n_batch: int = DEFAULT_N_BATCH,
-                 lora_path: Any = None):
+                 lora_path: Any = None, lora_scale: float = 1.0):
+        if lora_scale != 1.0:
+            raise InputError(f"lora_scale={lora_scale}: onnxruntime adapters are applied as "
+                             "exported (no scale); re-export the adapter instead")
         ort = _onnxruntime()
         tokenizers = require("tokenizers", "device-onnx", "Running an ONNX export")
         self.path = Path(model_path)

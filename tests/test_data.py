@@ -277,6 +277,70 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, tiny_model_dir, impl):
     assert abs(leaky_loss - unpacked) > 1e-4  # the test can tell packed from leaking
 
 
+def test_shared_prefix_length_stops_before_the_first_target():
+    def ex(ids, first_label):
+        return {"input_ids": ids, "labels": [-100] * first_label + ids[first_label:]}
+
+    a, b = ex([1, 2, 3, 4, 5, 6, 7], 5), ex([1, 2, 3, 4, 9, 9], 4)
+    # Common prefix 4 tokens, but b's token 4 is a target: it must be predicted from position
+    # 3, which would be shared, so the prefix stops one token before b's first target.
+    assert data.shared_prefix_length([a, b]) == 3
+    assert data.shared_prefix_length([a, ex([1, 2, 8, 4, 5, 6], 5)]) == 2
+    assert data.shared_prefix_length([a]) == 0  # nothing to share with one example
+    rows = data.pack_shared_prefix([a, b, ex([1, 2, 3, 7, 7, 7], 4)], 3, row_len=12)
+    assert [r["lengths"] for r in rows] == [[4, 3], [3]]
+    first = rows[0]
+    assert first["input_ids"] == [1, 2, 3, 4, 5, 6, 7, 4, 9, 9]
+    assert first["position_ids"] == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5]
+    assert first["segments"] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert first["labels"] == [-100, -100, -100, -100, -100, 6, 7, -100, 9, 9]
+    batch = data.collate_shared_prefix(rows, pad_id=0)
+    mask = batch["attention_mask"][0, 0]
+    assert mask[8].tolist() == [True] * 3 + [False] * 4 + [True] * 2 + [False]  # prefix + own
+    assert mask[5].tolist() == [True] * 6 + [False] * 4
+    assert batch["attention_mask"][1, 0, 9].tolist() == [False] * 6 + [True] * 4  # padding only
+    with pytest.raises(ValueError, match="does not start with the shared prefix"):
+        data.pack_shared_prefix([a, ex([9, 2, 3, 4, 5], 4)], 3, row_len=12)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_prefix_loss_and_grads_equal_unpacked(tokenizer, tiny_model_dir, impl):
+    """A shared system prompt computed once per row gives the same loss and gradients as every
+    example padded in its own row. Tolerance 1e-5 as for packing (measured: 0.0 for the loss);
+    the negative control (suffixes attending to each other) moves the loss by more than 1e-4."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeqlora.qlora import token_loss
+
+    train, _ = iot.generate(seed=5, n_train=7, n_eval=0)
+    examples = data.tokenize_dataset(tokenizer, train, max_len=256).examples
+    prefix = data.shared_prefix_length(examples)
+    assert prefix >= 20  # the task's system prompt
+    rows = data.pack_shared_prefix(examples, prefix, row_len=256)
+    assert max(len(r["lengths"]) for r in rows) >= 3
+    pad = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl,
+                                                 dtype=torch.float32)
+    model.requires_grad_(False)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    grads = []
+    losses = []
+    for batch in (data.collate(examples, pad), data.collate_shared_prefix(rows, pad)):
+        loss_sum, n = token_loss(model, batch)
+        (loss_sum / n).backward()
+        losses.append(loss_sum.item() / n)
+        grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
+        model.zero_grad()
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert torch.allclose(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    leaky = data.collate_shared_prefix(rows, pad)
+    leaky["attention_mask"] = torch.ones_like(leaky["attention_mask"]).tril()
+    with torch.no_grad():
+        leak_sum, n = token_loss(model, leaky)
+    assert abs(leak_sum.item() / n - losses[0]) > 1e-4  # the test can tell shared from leaking
+
+
 def test_collate_pads_right_with_masked_labels():
     batch = data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
                           {"input_ids": [8], "labels": [8]}], pad_id=0)

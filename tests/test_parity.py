@@ -117,6 +117,20 @@ def _task(n=4) -> P.TaskSet:
     return P.TaskSet(convs, targets=[{"device": "light"}] * n, source="test")
 
 
+def test_distinct_positions_count_a_shared_prompt_once():
+    seqs = [[5, 6, 7, 1], [5, 6, 7, 2, 3], [5, 6, 7, 1], [9, 6]]
+    masks = P.distinct_positions(seqs)
+    assert [m.tolist() for m in masks] == [[True] * 4, [False] * 3 + [True] * 2,
+                                           [False] * 4, [True, True]]
+    # The accumulator drops the repeated contexts from every metric.
+    rng = np.random.default_rng(0)
+    acc = P._Acc()
+    for ids, keep in zip(seqs, masks):
+        logits = rng.normal(size=(len(ids), 16))
+        acc.add(logits, logits, ids, keep)
+    assert acc.summary()["tokens"] == 8
+
+
 def test_compare_and_gate_pass_identical_and_fail_damaged():
     ref = FakeModel()
     cands = {"same": FakeModel(), "noisy": FakeModel(noise=6.0),

@@ -188,15 +188,41 @@ def test_quantization_loss(tiny_model_dir, ids):
     assert qlora.cpu_repacked_layers(q) == []
 
 
-def test_dequantized_for_eval_is_bit_identical(tiny_model_dir, ids):
+def test_dequantized_weights_is_bit_identical(tiny_model_dir, ids):
     """The eval-time cache of dequantized 4-bit weights changes speed, not numbers."""
     model = _lora_model(tiny_model_dir).eval()
     with torch.no_grad():
         plain = model(ids).logits
-        with qlora.dequantized_for_eval(model) as cached_layers:
+        with qlora.dequantized_weights(model) as cached_layers:
             cached = model(ids).logits
         after = model(ids).logits
     assert cached_layers == 14  # 7 linear layers x 2 blocks
     torch.testing.assert_close(cached, plain, rtol=0, atol=0)
     torch.testing.assert_close(after, plain, rtol=0, atol=0)
     assert "forward" not in vars(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer)
+
+
+def test_dequantized_weights_train_with_the_same_gradients(tiny_model_dir, ids):
+    """Training through the cache (the trainer does, on CPU) gives the adapters the gradients
+    bitsandbytes' own 4-bit backward gives; an inner use (an eval inside training) leaves the
+    outer cache in place. Tolerance: the same products summed by another kernel (measured
+    ~1e-9 relative)."""
+    model = _lora_model(tiny_model_dir).train()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in lora]
+
+    plain = grads()
+    with qlora.dequantized_weights(model) as n_cached:
+        cached = grads()
+        with qlora.dequantized_weights(model):
+            pass
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+        assert "forward" in vars(layer)  # still cached after the inner use ended
+    assert n_cached == 14
+    for a, b in zip(cached, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert "forward" not in vars(layer)

@@ -51,6 +51,31 @@ def _adapter_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+def test_shared_prefix_training_matches_plain_packing(tiny_model_dir, iot_files, tmp_path):
+    """Packing the system prompt once per row changes how much is computed, not the training:
+    the same loss curve as plain packing (no dropout, so both draw no random numbers).
+    Tolerance: fp32 sums in another order, ~1e-6 relative per step, compounding over 3 steps."""
+    a = train_mod.train(_cfg(tiny_model_dir, iot_files[0], max_steps=3), tmp_path / "shared")
+    b = train_mod.train(_cfg(tiny_model_dir, iot_files[0], max_steps=3, share_prefix=False),
+                        tmp_path / "plain")
+    assert _losses(a.parent) == pytest.approx(_losses(b.parent), rel=1e-4)
+    wa, wb = _adapter_weights(a.parent), _adapter_weights(b.parent)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_tensorboard_logs(tiny_model_dir, iot_files, tmp_path):
+    """tensorboard=true writes event files holding the same losses as metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    adapter = train_mod.train(_cfg(tiny_model_dir, iot_files[0], tensorboard=True),
+                              tmp_path / "run")
+    events = EventAccumulator(str(adapter.parent / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert logged == pytest.approx(_losses(adapter.parent), rel=1e-6)
+
+
 def test_train_outputs_and_reload(tiny_model_dir, iot_files, tmp_path, monkeypatch):
     """A run writes a PEFT adapter + manifest + metrics; load_trained gives the same logits as
     the trainer's in-memory model, and eval numbers appear before and after."""
@@ -109,6 +134,30 @@ def test_training_after_eval_learns_the_same(tiny_model_dir, iot_files, tmp_path
     plain, evals = _losses(tmp_path / "plain"), _losses(tmp_path / "evals")
     assert plain[-1] < plain[0]  # it learns at all
     assert evals == pytest.approx(plain, rel=1e-5)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tiny_model_dir, iot_files, tmp_path,
+                                                        monkeypatch):
+    """SIGTERM (a scheduler's stop) ends the run after the current step with a checkpoint, and
+    resuming it gives the straight run's losses."""
+    cfg = _cfg(tiny_model_dir, iot_files[0], max_steps=3)
+    train_mod.train(cfg, tmp_path / "straight")
+
+    def terminate(state):
+        if state["step"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_mod, "_after_step", terminate)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, tmp_path / "stopped")
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is put back
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["step-000001"]
+    monkeypatch.undo()
+    train_mod.train(_cfg(tiny_model_dir, iot_files[0], max_steps=3, resume=True),
+                    tmp_path / "stopped")
+    assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "straight"),
+                                                          rel=1e-5)
 
 
 def test_resume_is_exact_and_ctrl_c_checkpoints(tiny_model_dir, iot_files, tmp_path,

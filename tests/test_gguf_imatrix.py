@@ -1,0 +1,235 @@
+"""GGUF importance-matrix quantization (``imatrix``): the matrix itself (one positive row per
+block weight, equal to a hand computation), the re-quantization path (llama.cpp's own bytes
+without an imatrix, different bytes and a smaller importance-weighted error with one), the export
+(same type mix, loads in llama.cpp, recorded in the manifest) and the bad inputs (one line,
+nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_model, has_module
+from lora_fixtures import make_adapter
+
+pytestmark = pytest.mark.skipif(not has_module("llama_cpp"), reason="needs llama-cpp-python")
+
+ROWS = 12  # calibration rows: enough for every column to be seen, fast on two cores
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, embedded_dir):
+    """A tiny Llama whose rows are 256 wide, so llama.cpp's Q4_K_M mix really uses K-quants
+    (narrower rows fall back to Q5_0/Q8_0)."""
+    root = tmp_path_factory.mktemp("imatrix")
+    base = build_tiny_model(root / "base", embedded_dir, hidden=256, intermediate=512,
+                            layers=2, heads=4, kv_heads=2)
+    calib = root / "calib.jsonl"
+    from edgeqlora.data import load_dataset
+
+    rows = load_dataset("embedded:iot").rows[:ROWS]
+    calib.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    return {"root": root, "base": base, "calib": calib}
+
+
+@pytest.fixture(scope="module")
+def imatrix(tiny):
+    from edgeqlora.exporters.gguf_imatrix import build_imatrix
+
+    return build_imatrix(tiny["base"], str(tiny["calib"]), ROWS)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny):
+    """The same Q4_K_M export without and with the imatrix."""
+    from edgeqlora.exporters import gguf as G
+
+    out = {}
+    for key, im in (("plain", None), ("imatrix", str(tiny["calib"]))):
+        d = tiny["root"] / f"q4km-{key}"
+        d.mkdir()
+        out[key] = (d, G.write_export(tiny["base"], d, "q4_k_m", imatrix=im, imatrix_rows=ROWS))
+    return out
+
+
+def _tensors(path: Path) -> dict:
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_imatrix_rows_match_the_activations(tiny, imatrix):
+    """One entry per linear weight of the blocks (not the embedding), in_features long,
+    positive; equal to mean(x^2) of the hand-computed input of attn_q in block 0 and shared by
+    the weights that read the same input."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeqlora.exporters.gguf_imatrix import calibration_sequences
+
+    im, record = imatrix
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    assert sorted(im) == sorted(f"blk.{i}.{k}.weight" for i in range(2) for k in kinds)
+    for name, row in im.items():
+        assert row.shape == ((512,) if "ffn_down" in name else (256,)) and row.dtype == np.float32
+        assert np.all(row > 0) and np.all(np.isfinite(row)), name
+    assert np.array_equal(im["blk.0.attn_q.weight"], im["blk.0.attn_v.weight"])
+    assert np.array_equal(im["blk.1.ffn_gate.weight"], im["blk.1.ffn_up.weight"])
+    assert not np.allclose(im["blk.0.attn_q.weight"], im["blk.1.attn_q.weight"])
+    assert record["rows"] == ROWS and record["tokens"] > 20 * ROWS
+    assert record["entries"] == 14 and len(record["sha256"]) == 64
+
+    seqs, _ = calibration_sequences(AutoTokenizer.from_pretrained(tiny["base"]),
+                                    str(tiny["calib"]), ROWS)
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)
+    with torch.no_grad():
+        xs = [model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor(s)))
+              for s in seqs]
+    x = torch.cat(xs).double()
+    expected = (x * x).mean(0).numpy()
+    # float64 accumulation on both sides; float32 storage: rtol 1e-5.
+    np.testing.assert_allclose(im["blk.0.attn_q.weight"], expected, rtol=1e-5)
+
+
+def test_without_imatrix_the_kernel_gives_llama_cpps_bytes(tiny, exports):
+    """ggml_quantize_chunk with no imatrix reproduces llama_model_quantize's bytes for every
+    block tensor: the re-quantization path is llama.cpp's own."""
+    import numpy as np
+
+    from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf_imatrix import IMATRIX_TYPES, quantize_rows
+
+    f32 = tiny["root"] / "tiny.f32.gguf"
+    G.write_model_gguf(tiny["base"], f32, "f32")
+    src = _tensors(f32)
+    d, info = exports["plain"]
+    checked = 0
+    for name, t in _tensors(d / info["model_file"]).items():
+        if name.startswith("blk.") and t.tensor_type.name in IMATRIX_TYPES:
+            data = np.asarray(src[name].data, dtype=np.float32).reshape(-1, int(t.shape[0]))
+            q = quantize_rows(data, t.tensor_type)
+            assert np.array_equal(q.reshape(-1), np.asarray(t.data).reshape(-1)), name
+            checked += 1
+    assert checked == 14
+
+
+def test_imatrix_export_same_mix_other_bytes_loads(tiny, exports, imatrix):
+    import numpy as np
+    from llama_cpp import Llama
+
+    (d0, plain), (d1, withim) = exports["plain"], exports["imatrix"]
+    assert plain["quant_mix"] == withim["quant_mix"] and "Q4_K" in plain["quant_mix"]
+    assert "imatrix" not in plain
+    rec = withim["imatrix"]
+    assert rec["used"] and rec["rows"] == ROWS and rec["sha256"] == imatrix[1]["sha256"]
+    assert rec["requantized"] == 14 and rec["without_imatrix"] == ["token_embd.weight"]
+    t0, t1 = _tensors(d0 / plain["model_file"]), _tensors(d1 / withim["model_file"])
+    assert list(t0) == list(t1)
+    for name in t0:
+        assert t0[name].tensor_type == t1[name].tensor_type and \
+            list(t0[name].shape) == list(t1[name].shape)
+        same = np.array_equal(np.asarray(t0[name].data), np.asarray(t1[name].data))
+        assert same == (not name.startswith("blk.") or name.endswith("_norm.weight")), name
+    llm = Llama(model_path=str(d1 / withim["model_file"]), n_ctx=64, logits_all=True,
+                verbose=False, n_threads=2)
+    try:
+        llm.eval([1, 200, 300, 400])
+        assert np.all(np.isfinite(np.array(llm.scores[:4])))
+    finally:
+        llm.close()
+
+
+def test_imatrix_lowers_the_importance_weighted_error(tiny, exports, imatrix):
+    """What imatrix quantization optimises: sum_j imatrix_j (W_ij - Q_ij)^2. Per tensor of the
+    export, and on a random matrix with strongly uneven importances (a wide margin)."""
+    import gguf
+    import numpy as np
+
+    from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf_imatrix import quantize_rows
+
+    im = imatrix[0]
+    f32 = tiny["root"] / "tiny.f32.gguf"
+    if not f32.exists():
+        G.write_model_gguf(tiny["base"], f32, "f32")
+    src = _tensors(f32)
+    (d0, plain), (d1, withim) = exports["plain"], exports["imatrix"]
+    t0, t1 = _tensors(d0 / plain["model_file"]), _tensors(d1 / withim["model_file"])
+    better = 0
+    for name, row in im.items():
+        w = np.asarray(src[name].data, dtype=np.float32).reshape(-1, row.shape[0])
+        err = {}
+        for key, t in (("plain", t0[name]), ("imatrix", t1[name])):
+            deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
+            err[key] = float((row * (w - deq) ** 2).sum())
+        better += err["imatrix"] < err["plain"]
+    assert better == len(im)
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    row = np.exp(rng.normal(0, 2, 256)).astype(np.float32)
+    Q = gguf.GGMLQuantizationType
+    for qtype in (Q.Q4_K, Q.Q3_K, Q.Q6_K, Q.Q4_0):
+        errs = [float((row * (w - gguf.quants.dequantize(quantize_rows(w, qtype, r), qtype)
+                                .reshape(w.shape)) ** 2).sum()) for r in (None, row)]
+        assert errs[1] < 0.8 * errs[0], (qtype.name, errs)
+
+
+def test_imatrix_ignored_for_types_that_do_not_use_one(tiny, tmp_path):
+    from edgeqlora.exporters import gguf as G
+
+    info = G.write_export(tiny["base"], tmp_path, "f16", imatrix=str(tiny["calib"]))
+    assert info["imatrix"]["used"] is False and "f16 does not use" in info["imatrix"]["note"]
+    assert info["quant_mix"] == {"F32": 5, "F16": 15}
+
+
+def test_auto_resolves_to_the_training_data(tiny, tmp_path):
+    from edgeqlora.errors import ConfigError, InputError
+    from edgeqlora.exporters import gguf as G
+
+    got = G.resolve_options({"imatrix": "auto"}, {"data": {"spec": "embedded:iot"}})
+    assert got["imatrix"] == "embedded:iot" and got["imatrix_source"].startswith("auto")
+    assert G.resolve_options({"imatrix": "AUTO"}, {"config": {"data": str(tiny["calib"])}}
+                             )["imatrix"] == str(tiny["calib"])
+    assert G.resolve_options({}, {}) == {}
+    with pytest.raises(InputError, match="gone.jsonl.*does not exist here.*--imatrix PATH"):
+        G.resolve_options({"imatrix": "auto"}, {"data": {"spec": str(tmp_path / "gone.jsonl")}})
+    with pytest.raises(InputError, match="names no training data"):
+        G.resolve_options({"imatrix": "auto"}, {})
+    with pytest.raises(ConfigError, match="imatrix=auto"):
+        G.write_export(tiny["base"], tmp_path, "q4_k_m", imatrix="auto")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_calibration_data_writes_nothing(tiny, tmp_path):
+    from edgeqlora.errors import DataError, InputError
+    from edgeqlora.exporters import gguf as G
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError, match="imatrix='.*nope.jsonl': no such file"):
+        G.write_export(tiny["base"], out, "q4_k_m", imatrix=str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"foo": 1}\n{"bar": 2}\n')
+    with pytest.raises(DataError, match="imatrix calibration data .*bad.jsonl.*no usable rows"):
+        G.write_export(tiny["base"], out, "q4_k_m", imatrix=str(bad))
+    assert list(out.iterdir()) == [] and not list(tmp_path.glob(".f32-*"))
+
+
+def test_cli_imatrix_bad_path_one_line(tiny, tmp_path, capsys):
+    from edgeqlora.cli import main
+
+    adapter = make_adapter(tmp_path / "adapter", tiny["base"])
+    out = tmp_path / "out"
+    rc = main(["export", str(adapter), "export.eval_tokens=64", "--out", str(out),
+               "--quant", "q4_k_m", "--merge-base", "original", "--no-parity",
+               "--imatrix", str(tmp_path / "missing.jsonl")])
+    # stderr also holds transformers' weight-loading bar from the merge: one error line.
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert rc == 2 and len(errors) == 1 and "missing.jsonl" in errors[0], errors
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    shutil.rmtree(adapter)
