@@ -183,12 +183,37 @@ def add_hparams(w, cfg: dict[str, Any], file_type: int, name: str) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's ``tokenizer.json`` in Hugging Face ``tokenizers``, without transformers:
+    the GGUF needs only the vocabulary, the merges and what the post-processor adds, and
+    importing transformers cost ~3 s of a ~5 s conversion of the 135M model (measured). The
+    export still checks the GGUF's tokenization against transformers' tokenizer
+    (``tokenization_parity``), which is what training used."""
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"{model_dir} has no tokenizer.json; the GGUF exporter handles BPE "
+                         "tokenizers saved by Hugging Face tokenizers (SentencePiece-only "
+                         "tokenizer.model is not supported)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+        model_type = json.loads(path.read_text(encoding="utf-8"))["model"]["type"]
+    except Exception as exc:  # tokenizers raises bare Exceptions on malformed files
+        raise InputError(f"{path} is not a readable tokenizer file: {exc}") from None
+    if model_type != "BPE":
+        raise InputError(f"{path} is a {model_type} tokenizer; the GGUF exporter supports BPE "
+                         "tokenizers")
+    return tok
+
+
 def pre_tokenizer_name(tokenizer) -> str:
     """llama.cpp's name for this tokenizer's pre-tokenizer, found the way its converter does:
-    the sha256 of the ids of a fixed probe text, looked up in llama.cpp's table."""
+    the sha256 of the ids of a fixed probe text (special tokens added, as transformers'
+    ``encode``), looked up in llama.cpp's table."""
     from .gguf_pretokenizers import CHKTXT, PRE_TOKENIZER_HASHES
 
-    digest = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+    digest = hashlib.sha256(str(tokenizer.encode(CHKTXT).ids).encode()).hexdigest()
     name = PRE_TOKENIZER_HASHES.get(digest)
     if name is None:
         raise InputError(
@@ -203,9 +228,8 @@ def vocab_entries(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens by id and their GGUF token types, as llama.cpp's ``get_vocab_base``."""
     import gguf
 
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.get_added_vocab()
-    decoder = tokenizer.added_tokens_decoder
+    reverse = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    added = tokenizer.get_added_tokens_decoder()
     if max(reverse) >= vocab_size:
         raise InputError(f"tokenizer has id {max(reverse)} but the model's vocab_size is "
                          f"{vocab_size}")
@@ -216,8 +240,8 @@ def vocab_entries(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
             continue
-        if tok in added:
-            special = decoder[i].special or (tok.startswith("<|") and tok.endswith("|>"))
+        if i in added:
+            special = added[i].special or (tok.startswith("<|") and tok.endswith("|>"))
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
@@ -225,50 +249,48 @@ def vocab_entries(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether the HF tokenizer prepends BOS: what the model saw in training."""
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+def _special_id(tokenizer, tok_cfg: dict[str, Any], which: str) -> int | None:
+    value = tok_cfg.get(f"{which}_token")
+    if isinstance(value, dict):
+        value = value.get("content")
+    return tokenizer.token_to_id(value) if isinstance(value, str) else None
+
+
+def _adds_bos(tokenizer, tok_cfg: dict[str, Any]) -> bool:
+    """Whether the tokenizer prepends BOS (its post-processor): what the model saw in training."""
+    bos = _special_id(tokenizer, tok_cfg, "bos")
+    ids = tokenizer.encode("a").ids
     return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
-def _adds_eos(tokenizer) -> bool:
-    eos = tokenizer.eos_token_id
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+def _adds_eos(tokenizer, tok_cfg: dict[str, Any]) -> bool:
+    eos = _special_id(tokenizer, tok_cfg, "eos")
+    ids = tokenizer.encode("a").ids
     return eos is not None and len(ids) > 1 and ids[-1] == eos
 
 
 def add_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
     import gguf
-    from transformers import AutoTokenizer
 
-    if not (Path(model_dir) / "tokenizer.json").is_file():
-        raise InputError(f"{model_dir} has no tokenizer.json; the GGUF exporter handles BPE "
-                         "tokenizers saved by Hugging Face tokenizers (SentencePiece-only "
-                         "tokenizer.model is not supported)")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model_type = json.loads((Path(model_dir) / "tokenizer.json").read_text())["model"]["type"]
-    if model_type != "BPE":
-        raise InputError(f"{model_dir}/tokenizer.json is a {model_type} tokenizer; the GGUF "
-                         "exporter supports BPE tokenizers")
+    tok = load_tokenizer(model_dir)
+    tok_cfg_path = Path(model_dir) / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
     pre = pre_tokenizer_name(tok)
     tokens, types = vocab_entries(tok, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
+    # gguf's SpecialVocab reads the special ids, merges and chat template (tokenizer_config.json
+    # or chat_template.jinja) from the files, as llama.cpp's converter does.
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
     if not special.merges:
         raise InputError(f"{model_dir}/tokenizer.json has no BPE merges")
-    add_bos = _adds_bos(tok)
+    add_bos = _adds_bos(tok, tok_cfg)
     special.add_special_token["bos"] = add_bos
-    special.add_special_token.setdefault("eos", _adds_eos(tok))
-    tok_cfg_path = Path(model_dir) / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
+    special.add_special_token.setdefault("eos", _adds_eos(tok, tok_cfg))
     if tok_cfg.get("add_prefix_space") is not None:  # as llama.cpp's LlamaModel.set_vocab
         w.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
-    if tok.chat_template and not special.chat_template:
-        special.chat_template = tok.chat_template
     special.add_to_gguf(w, quiet=True)
     return {"pre_tokenizer": pre, "tokens": len(tokens), "merges": len(special.merges),
             "control_tokens": int(sum(t == gguf.TokenType.CONTROL for t in types)),
@@ -369,13 +391,59 @@ def plan_tensors(model_dir: Path, cfg: dict[str, Any], quant: str) -> list[dict[
     return plan
 
 
+# Rows read, converted and written at a time: peak memory is about this much (plus its converted
+# copy), whatever the model's size.
+STREAM_CHUNK_BYTES = 32 * 2**20
+
+
+class _StreamedTensor:
+    """One planned tensor as ``GGUFWriter.write_tensor_data`` takes it (it uses only ``nbytes``
+    and ``tofile``), read from the safetensors file, converted and written a chunk of rows at a
+    time. Hand-written because gguf's writer takes whole arrays (its lazy tensors are evaluated
+    whole): a 0.8 B model's 384 MiB embedding then costs its fp32 copy, the mapped file pages and
+    the converted copy at once. Every ggml type quantizes row by row, so chunks of rows give the
+    same bytes as the whole tensor (tested). Q/K weights are read whole: the RoPE permutation
+    moves rows within a head."""
+
+    def __init__(self, t: dict[str, Any], heads: tuple[int, int] | None, chunk_bytes: int):
+        self.t, self.heads, self.chunk_bytes = t, heads, chunk_bytes
+        self.nbytes = _nbytes(t["shape"], t["qtype"])[2]
+
+    def _read(self, start: int | None = None, stop: int | None = None):
+        import numpy as np
+        from safetensors import safe_open
+
+        # A fresh safe_open per read: safetensors memory-maps the file, and pages read through a
+        # mapping kept open stay resident (RSS would grow to the model size).
+        with safe_open(str(self.t["file"]), framework="np") as f:
+            if start is None:
+                data = f.get_tensor(self.t["src"])
+            else:
+                data = f.get_slice(self.t["src"])[start:stop]
+            # No copy when the checkpoint is already fp32 (the merge writes fp32).
+            return np.asarray(data, dtype=np.float32)
+
+    def tofile(self, fout) -> None:
+        shape = self.t["shape"]
+        if self.heads is not None or len(shape) < 2:
+            data = self._read()
+            if self.heads is not None:
+                data = permute_qk(data, *self.heads)
+            _encode(data, self.t["qtype"]).tofile(fout)
+            return
+        rows = max(1, self.chunk_bytes // (4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], rows):
+            stop = min(start + rows, shape[0])  # safetensors slices do not clamp
+            _encode(self._read(start, stop), self.t["qtype"]).tofile(fout)
+
+
 def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
-                     name: str = "edgeqlora-merged", progress: bool = False) -> dict[str, Any]:
+                     name: str = "edgeqlora-merged", progress: bool = False,
+                     chunk_bytes: int = STREAM_CHUNK_BYTES) -> dict[str, Any]:
     """Write ``model_dir`` (a Hugging Face checkpoint) as one GGUF of a direct type
-    (f32/f16/bf16/q8_0/q4_0), reading and writing one tensor at a time."""
+    (f32/f16/bf16/q8_0/q4_0), streaming: tensor by tensor, each in chunks of rows."""
     import gguf
     import numpy as np
-    from safetensors import safe_open
 
     model_dir, path = Path(model_dir), Path(path)
     if quant not in DIRECT_QUANTS:
@@ -392,23 +460,13 @@ def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
         w.add_tensor_info(t["name"], shape, np.dtype(dtype), nbytes,
                           raw_dtype=None if dtype is not np.uint8 else t["qtype"])
     n_head = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_head)
+    heads = {"q": (n_head, n_head), "k": (n_head, cfg.get("num_key_value_heads", n_head))}
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in _progress(plan, "writing GGUF", progress):
-            # A fresh safe_open per tensor: safetensors memory-maps the file, and pages read
-            # through a mapping kept open stay resident (RSS grows to the model size). Closing it
-            # after each tensor keeps the peak near the largest tensor.
-            with safe_open(str(t["file"]), framework="np") as f:
-                # No copy when the checkpoint is already fp32 (the merge writes fp32).
-                data = np.asarray(f.get_tensor(t["src"]), dtype=np.float32)
-            if t["permute"] == "q":
-                data = permute_qk(data, n_head, n_head)
-            elif t["permute"] == "k":
-                data = permute_qk(data, n_head, n_kv)
-            w.write_tensor_data(_encode(data, t["qtype"]))
+            w.write_tensor_data(_StreamedTensor(t, heads.get(t["permute"]), chunk_bytes))
     except OSError as exc:
         raise _write_error(path, exc) from None
     finally:

@@ -93,6 +93,81 @@ def test_gguf_metadata_and_vocab(f16_export, tiny):
     assert fields["llama.attention.head_count_kv"] == 2
 
 
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_vocab_read_without_transformers_matches_transformers(embedded_dir, tmp_path, adds_bos,
+                                                              monkeypatch):
+    """The exporter reads tokenizer.json with ``tokenizers`` alone (no transformers import);
+    everything it takes from it equals what transformers' tokenizer says, also for a tokenizer
+    whose post-processor prepends BOS."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from edgeqlora.errors import InputError
+    from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf_pretokenizers import CHKTXT
+
+    src = tmp_path / "tok"
+    src.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(embedded_dir / name, src / name)
+    if adds_bos:
+        tj = json.loads((src / "tokenizer.json").read_text())
+        bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+        seq = {"Sequence": {"id": "A", "type_id": 0}}
+        tj["post_processor"] = {"type": "TemplateProcessing", "single": [bos, seq],
+                                "pair": [bos, seq, {"Sequence": {"id": "B", "type_id": 1}}],
+                                "special_tokens": {"<|im_start|>": {
+                                    "id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+        (src / "tokenizer.json").write_text(json.dumps(tj))
+        tc = json.loads((src / "tokenizer_config.json").read_text())
+        tc.update(bos_token="<|im_start|>", add_bos_token=True)
+        (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    hf = AutoTokenizer.from_pretrained(src)
+    tok = G.load_tokenizer(src)
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    assert tok.encode(CHKTXT).ids == hf.encode(CHKTXT)  # the pre-tokenizer probe
+    assert G._adds_bos(tok, tok_cfg) is adds_bos
+    assert (hf("a")["input_ids"][0] == hf.bos_token_id) is adds_bos
+    assert G._adds_eos(tok, tok_cfg) is False
+    tokens, types = G.vocab_entries(tok, 49152)
+    vocab = hf.get_vocab()
+    assert tokens == sorted(vocab, key=vocab.get)
+    control = {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL}
+    assert control == {i for i, a in hf.added_tokens_decoder.items() if a.special}
+    w = gguf.GGUFWriter(None, "llama")
+    if adds_bos:
+        # The BOS changes the probe's ids, so llama.cpp's table rightly knows no such tokenizer.
+        with pytest.raises(InputError, match="pre-tokenizer is not one llama.cpp knows"):
+            G.add_vocab(w, src, 49152)
+        monkeypatch.setattr(G, "pre_tokenizer_name", lambda tok: "smollm")
+    info = G.add_vocab(w, src, 49152)
+    assert info["add_bos_token"] is adds_bos and info["chat_template"]
+    assert info["special_token_ids"]["eos"] == hf.eos_token_id
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0"])
+def test_streamed_row_chunks_write_the_same_bytes(tiny, tmp_path, quant):
+    """The writer streams each tensor in chunks of rows (bounded memory); any chunk size gives
+    the bytes of converting the tensor whole (ggml types quantize row by row)."""
+    from edgeqlora.exporters import gguf as G
+
+    whole, chunked = tmp_path / "whole.gguf", tmp_path / "chunked.gguf"
+    G.write_model_gguf(tiny["base"], whole, quant, chunk_bytes=2**40)
+    G.write_model_gguf(tiny["base"], chunked, quant, chunk_bytes=1000)  # a few rows at a time
+    assert whole.read_bytes() == chunked.read_bytes()
+
+
+def test_unreadable_tokenizer_is_one_line(tmp_path):
+    from edgeqlora.errors import InputError
+    from edgeqlora.exporters import gguf as G
+
+    with pytest.raises(InputError, match="no tokenizer.json"):
+        G.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(InputError, match="not a readable tokenizer file"):
+        G.load_tokenizer(tmp_path)
+
+
 def test_modelfile(f16_export):
     text = (f16_export / "Modelfile").read_text()
     assert text.startswith("FROM ./model.f16.gguf\n")
