@@ -5,8 +5,10 @@ Measures wall time and peak RSS (``ru_maxrss`` of each child process, via ``os.w
 1. ``edgeqlora export ADAPTER --quant q4_k_m --merge-base original --no-parity`` (the whole
    command: merge, GGUF, llama.cpp quantizer, verification in llama.cpp and torch; the parity
    gate, a task evaluation, is left out);
-2. our conversion alone on the merged checkpoint: F32 GGUF (streaming) + llama.cpp quantizer;
-   the figure to hold against llama.cpp's path, which starts from the same merged checkpoint;
+2. our conversion alone on the merged checkpoint: the one-pass Q4_K_M writer (llama.cpp's type
+   mix and kernels, ``exporters/gguf_kquant.py``); the figure to hold against llama.cpp's path,
+   which starts from the same merged checkpoint. Also our F32 GGUF + llama.cpp's quantizer (the
+   route for models the one-pass writer leaves to llama.cpp);
 3. llama.cpp's path on the same merged checkpoint: ``convert_hf_to_gguf.py --outtype f32`` from
    the llama-cpp-python source distribution + the same quantizer call (``llama_model_quantize``,
    what the ``llama-quantize`` binary runs; the binary itself is not built by pip);
@@ -270,11 +272,14 @@ def main(argv=None) -> int:
             [PY, "-m", "edgeqlora", "export", str(adapter), "--out", str(scratch / "ours"),
              "--quant", "q4_k_m", "--merge-base", "original", "--no-parity"], env=env)
         w_code = ("import sys; from edgeqlora.exporters.gguf import write_model_gguf; "
-                  "write_model_gguf(sys.argv[1], sys.argv[2], 'f32')")
-        a = run([PY, "-c", w_code, str(merged), str(scratch / "ours.f32.gguf")], env=env)
-        b = run([PY, "-c", q_code, str(scratch / "ours.f32.gguf"), str(scratch / "ours.gguf")],
+                  "write_model_gguf(sys.argv[1], sys.argv[2], sys.argv[3])")
+        results["ours_convert_quantize"] = run(
+            [PY, "-c", w_code, str(merged), str(scratch / "ours.gguf"), "q4_k_m"], env=env)
+        a = run([PY, "-c", w_code, str(merged), str(scratch / "ours.f32.gguf"), "f32"], env=env)
+        b = run([PY, "-c", q_code, str(scratch / "ours.f32.gguf"), str(scratch / "ours2.gguf")],
                 env=env)
-        results["ours_convert_quantize"] = {**combine(a, b), "convert": a, "quantize": b}
+        results["ours_f32_then_llama_cpp_quantizer"] = {**combine(a, b), "convert": a,
+                                                        "quantize": b}
         try:
             src = llama_cpp_source(scratch / "src", args.llama_cpp_src)
             a = run([PY, str(src / "convert_hf_to_gguf.py"), str(merged), "--outtype", "f32",
@@ -306,7 +311,8 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     rows = [("edgeqlora export (merge+q4_k_m+verify)", results["ours_export_command"]),
-            ("ours: convert f32 + quantize q4_k_m", results["ours_convert_quantize"]),
+            ("ours: one-pass q4_k_m writer", results["ours_convert_quantize"]),
+            ("ours: f32 + llama.cpp quantizer", results["ours_f32_then_llama_cpp_quantizer"]),
             ("llama.cpp: convert_hf_to_gguf f32 + quantize", results["llama_cpp_convert_quantize"])]
     print(f"{'path':<46} {'wall s':>8} {'peak RSS MiB':>13}")
     for name, r in rows:

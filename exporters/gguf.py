@@ -391,6 +391,25 @@ def plan_tensors(model_dir: Path, cfg: dict[str, Any], quant: str) -> list[dict[
     return plan
 
 
+def plan_kquant(model_dir: Path, cfg: dict[str, Any], quant: str
+                ) -> list[dict[str, Any]] | None:
+    """``plan_tensors`` in the order llama.cpp's quantizer writes (and counts) tensors, with
+    llama.cpp's type for every tensor of the K-quant mix ``quant`` (``gguf_kquant``), marked to
+    be quantized by llama.cpp's kernels; None where llama.cpp's quantizer must choose (see
+    ``gguf_kquant.kquant_types``)."""
+    import gguf
+
+    from .gguf_kquant import kquant_types, llama_cpp_order
+
+    plan = sorted(plan_tensors(model_dir, cfg, "f32"), key=llama_cpp_order)
+    types = kquant_types(plan, quant, cfg["num_hidden_layers"])
+    if types is None:
+        return None
+    for t, name in zip(plan, types):
+        t["qtype"], t["ggml"] = gguf.GGMLQuantizationType[name], True
+    return plan
+
+
 # Rows read, converted and written at a time: peak memory is about this much (plus its converted
 # copy), whatever the model's size.
 STREAM_CHUNK_BYTES = 32 * 2**20
@@ -405,9 +424,20 @@ class _StreamedTensor:
     same bytes as the whole tensor (tested). Q/K weights are read whole: the RoPE permutation
     moves rows within a head."""
 
-    def __init__(self, t: dict[str, Any], heads: tuple[int, int] | None, chunk_bytes: int):
+    def __init__(self, t: dict[str, Any], heads: tuple[int, int] | None, chunk_bytes: int,
+                 imatrix_row=None):
         self.t, self.heads, self.chunk_bytes = t, heads, chunk_bytes
         self.nbytes = _nbytes(t["shape"], t["qtype"])[2]
+        self.imatrix_row = imatrix_row
+
+    def _encode(self, data):
+        qtype = self.t["qtype"]
+        if not self.t.get("ggml") or qtype.name in ("F32", "F16"):
+            return _encode(data, qtype)
+        from .gguf_imatrix import quantize_rows
+
+        # llama.cpp's own kernels (K-quant mixes): the bytes its quantizer writes.
+        return quantize_rows(data.reshape(-1, data.shape[-1]), qtype, self.imatrix_row)
 
     def _read(self, start: int | None = None, stop: int | None = None):
         import numpy as np
@@ -429,28 +459,42 @@ class _StreamedTensor:
             data = self._read()
             if self.heads is not None:
                 data = permute_qk(data, *self.heads)
-            _encode(data, self.t["qtype"]).tofile(fout)
+            self._encode(data).tofile(fout)
             return
         rows = max(1, self.chunk_bytes // (4 * math.prod(shape[1:])))
         for start in range(0, shape[0], rows):
             stop = min(start + rows, shape[0])  # safetensors slices do not clamp
-            _encode(self._read(start, stop), self.t["qtype"]).tofile(fout)
+            self._encode(self._read(start, stop)).tofile(fout)
 
 
 def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
                      name: str = "edgeqlora-merged", progress: bool = False,
-                     chunk_bytes: int = STREAM_CHUNK_BYTES) -> dict[str, Any]:
-    """Write ``model_dir`` (a Hugging Face checkpoint) as one GGUF of a direct type
-    (f32/f16/bf16/q8_0/q4_0), streaming: tensor by tensor, each in chunks of rows."""
+                     chunk_bytes: int = STREAM_CHUNK_BYTES,
+                     imatrix: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``model_dir`` (a Hugging Face checkpoint) as one GGUF, streaming: tensor by tensor,
+    each in chunks of rows. Direct types (f32/f16/bf16/q8_0/q4_0) through gguf's numpy
+    quantizers; the K-quant mixes with llama.cpp's type choice and kernels (``gguf_kquant``,
+    needs llama-cpp-python), weighted by ``imatrix`` rows (``gguf_imatrix``) where given."""
     import gguf
     import numpy as np
 
     model_dir, path = Path(model_dir), Path(path)
-    if quant not in DIRECT_QUANTS:
-        raise ConfigError(f"write_model_gguf writes {', '.join(DIRECT_QUANTS)}, not {quant!r}")
     cfg = read_config(model_dir)
     arch, _ = model_arch(cfg)
-    plan = plan_tensors(model_dir, cfg, quant)
+    if quant in K_QUANTS:
+        if not has_llama_cpp():
+            raise MissingDependencyError(f"quant={quant} needs llama-cpp-python: "
+                                         f"{LLAMA_CPP_INSTALL}")
+        plan = plan_kquant(model_dir, cfg, quant)
+        if plan is None:
+            raise ConfigError(f"{model_dir}: llama.cpp's {quant} mix for this model uses a rule "
+                              "the direct writer does not have; quantize an F32 GGUF with "
+                              "quantize_gguf instead")
+    elif quant in DIRECT_QUANTS:
+        plan = plan_tensors(model_dir, cfg, quant)
+    else:
+        raise ConfigError(f"write_model_gguf writes {', '.join(QUANTS)}, not {quant!r}")
+    from .gguf_imatrix import IMATRIX_TYPES
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
     w.add_type(gguf.GGUFType.MODEL)
     add_hparams(w, cfg, _file_type(quant), name)
@@ -466,12 +510,15 @@ def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in _progress(plan, "writing GGUF", progress):
-            w.write_tensor_data(_StreamedTensor(t, heads.get(t["permute"]), chunk_bytes))
+            row = imatrix.get(t["name"]) if imatrix and t["qtype"].name in IMATRIX_TYPES \
+                else None
+            w.write_tensor_data(_StreamedTensor(t, heads.get(t["permute"]), chunk_bytes, row))
     except OSError as exc:
         raise _write_error(path, exc) from None
     finally:
         w.close()
-    return {"vocab": vocab, "tensors": len(plan), "arch": gguf.MODEL_ARCH_NAMES[arch]}
+    return {"vocab": vocab, "tensors": len(plan), "arch": gguf.MODEL_ARCH_NAMES[arch],
+            "plan": plan}
 
 
 def _write_error(path: Path, exc: OSError) -> ExportError:
@@ -848,19 +895,33 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
         im, record = IM.build_imatrix(model_dir, source, imatrix_rows or IM.DEFAULT_ROWS,
                                       progress=progress)
         info["imatrix"] = {"source": imatrix_source or source, "used": True, **record}
-    if quant in DIRECT_QUANTS and im is None:
-        info.update(write_model_gguf(model_dir, model_file, quant, name=stem, progress=progress))
-        info["plan"] = plan_tensors(model_dir, read_config(model_dir), quant)
+    cfg = read_config(model_dir)
+    direct = quant in DIRECT_QUANTS or (has_llama_cpp() and plan_kquant(model_dir, cfg, quant)
+                                        is not None)
+    if direct and (quant in K_QUANTS or im is None):
+        # One streaming pass; K-quant mixes with llama.cpp's types and kernels, the imatrix
+        # applied as each tensor is quantized.
+        info.update(write_model_gguf(model_dir, model_file, quant, name=stem,
+                                     progress=progress, imatrix=im))
+        info["writer"] = "direct"
+        if im is not None:
+            used = [t["name"] for t in info["plan"] if t["name"] in im
+                    and t["qtype"].name in IM.IMATRIX_TYPES]
+            info["imatrix"].update(requantized=len(used), without_imatrix=sorted(
+                t["name"] for t in info["plan"] if t["name"] not in im
+                and t["qtype"].name in IM.IMATRIX_TYPES))
     else:
         # llama.cpp quantizes from an F32 GGUF (exact merged weights), written beside the
         # output so a full disk shows up here and the temporary goes away with the directory.
-        # The imatrix pass re-quantizes from it too.
+        # The imatrix pass re-quantizes from it too. (K-quant mixes come here only where
+        # gguf_kquant lacks one of llama.cpp's rules; direct types only with an imatrix.)
+        info["writer"] = "llama.cpp quantizer"
         with tempfile.TemporaryDirectory(prefix=".f32-", dir=out_dir.parent) as scratch:
             f32 = Path(scratch) / "model.f32.gguf"
             info.update(write_model_gguf(model_dir, f32, "f32", name=stem, progress=progress))
             if quant in DIRECT_QUANTS:
                 write_model_gguf(model_dir, model_file, quant, name=stem, progress=progress)
-                info["plan"] = plan_tensors(model_dir, read_config(model_dir), quant)
+                info["plan"] = plan_tensors(model_dir, cfg, quant)
             else:
                 quantize_gguf(f32, model_file, quant)
                 info["plan"] = None
