@@ -896,20 +896,18 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
                                       progress=progress)
         info["imatrix"] = {"source": imatrix_source or source, "used": True, **record}
     cfg = read_config(model_dir)
-    direct = quant in DIRECT_QUANTS or (has_llama_cpp() and plan_kquant(model_dir, cfg, quant)
-                                        is not None)
-    if direct and (quant in K_QUANTS or im is None):
+    one_pass = (quant in DIRECT_QUANTS and im is None) or (
+        quant in K_QUANTS and has_llama_cpp() and plan_kquant(model_dir, cfg, quant) is not None)
+    if one_pass:
         # One streaming pass; K-quant mixes with llama.cpp's types and kernels, the imatrix
         # applied as each tensor is quantized.
         info.update(write_model_gguf(model_dir, model_file, quant, name=stem,
                                      progress=progress, imatrix=im))
         info["writer"] = "direct"
         if im is not None:
-            used = [t["name"] for t in info["plan"] if t["name"] in im
-                    and t["qtype"].name in IM.IMATRIX_TYPES]
-            info["imatrix"].update(requantized=len(used), without_imatrix=sorted(
-                t["name"] for t in info["plan"] if t["name"] not in im
-                and t["qtype"].name in IM.IMATRIX_TYPES))
+            takes = [t["name"] for t in info["plan"] if t["qtype"].name in IM.IMATRIX_TYPES]
+            info["imatrix"].update(requantized=sum(n in im for n in takes),
+                                   without_imatrix=sorted(n for n in takes if n not in im))
     else:
         # llama.cpp quantizes from an F32 GGUF (exact merged weights), written beside the
         # output so a full disk shows up here and the temporary goes away with the directory.
