@@ -3,10 +3,10 @@
 Measures wall time and peak RSS (``ru_maxrss`` of each child process, via ``os.wait4``) of
 
 1. ``edgeqlora export ADAPTER --quant q4_k_m --merge-base original --no-parity`` (the whole
-   command: merge, GGUF, llama.cpp quantizer, verification in llama.cpp and torch; the parity
+   command: merge, GGUF, verification in llama.cpp against the merged model in torch; the parity
    gate, a task evaluation, is left out);
 2. our conversion alone on the merged checkpoint: the one-pass Q4_K_M writer (llama.cpp's type
-   mix and kernels, ``exporters/gguf_kquant.py``); the figure to hold against llama.cpp's path,
+   mix and kernels, ``exporters/gguf/plan.py`` and ``kernels.py``); the figure to hold against llama.cpp's path,
    which starts from the same merged checkpoint. Also our F32 GGUF + llama.cpp's quantizer (the
    route for models the one-pass writer leaves to llama.cpp);
 3. llama.cpp's path on the same merged checkpoint: ``convert_hf_to_gguf.py --outtype f32`` from
@@ -197,7 +197,7 @@ def acceptance(adapter: Path, scratch: Path, n_prompts: int = 40) -> dict:
 
     from edgeqlora.artifacts import read_manifest
     from edgeqlora.export import export_adapter
-    from edgeqlora.merge import heldout_conversations
+    from edgeqlora.heldout import heldout_conversations
     from edgeqlora.tasks import iot
 
     manifest = read_manifest(adapter, kind="adapter")

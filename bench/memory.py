@@ -43,10 +43,6 @@ NF4_CODE = 16        # fp32 entries of the NF4 code table, one per quantized lay
 NESTED_CODE = 256    # fp32 entries of the 8-bit dynamic code for the absmax, one per layer
 
 
-# ---------------------------------------------------------------------------------------------
-# Computed from shapes
-
-
 def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[list[int], str]]:
     from safetensors import safe_open
 
@@ -109,10 +105,6 @@ def _base_dir(manifest: dict[str, Any]) -> Path:
     path = Path(base.get("path", ""))
     return path if (path / "config.json").is_file() else resolve_base(base.get("spec",
                                                                                "embedded"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Measured in torch (worker process)
 
 
 def _tensor_bytes(model) -> int:
@@ -200,10 +192,6 @@ def measure_torch(adapter_dir: Path, fill: int, threads: int) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"torch measurement failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-# ---------------------------------------------------------------------------------------------
-# Exports
 
 
 def export_files(path: Path) -> tuple[str, int, int]:

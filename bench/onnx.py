@@ -67,38 +67,18 @@ def do_export(source: str, kind: str, target: str, quant: str, out: str,
               merge_base: str = "auto") -> dict:
     t = time.perf_counter()
     if kind == "adapter":
-        from edgeqlora.artifacts import read_manifest
         from edgeqlora.export import export_adapter
-        from edgeqlora.exporters.onnx import CALIBRATED
 
-        extra = {}
-        if target == "onnx" and quant in CALIBRATED:
-            # Calibrate on the data the adapter was trained on (its manifest's spec).
-            extra["calibration_data"] = read_manifest(source, kind="adapter")["data"]["spec"]
+        # Calibrated quants calibrate on the data the adapter was trained on (the stage's
+        # ``auto``: its manifest's spec).
         m = export_adapter(source, out, target=target, quant=quant, force=True,
                            merge_base=merge_base,
-                           thresholds={"min_top1": 0.0, "max_kld": 1e9}, **extra)
-    elif target == "onnx":
-        from edgeqlora.exporters.onnx import export_merged
+                           thresholds={"min_top1": 0.0, "max_kld": 1e9})
+    else:  # a merged checkpoint: the stage's write + verify against it
+        from edgeqlora.export import export_merged
 
-        m = export_merged(source, out, quant, force=True, eval_tokens=1024,
-                          thresholds={"min_top1": 0.0, "max_kld": 1e9})
-    else:  # a GGUF of a merged dir: the GGUF exporter's own write + verify
-        from transformers import AutoTokenizer
-
-        from edgeqlora.artifacts import atomic_dir, write_manifest
-        from edgeqlora.exporters import gguf as G
-        from edgeqlora.merge import heldout_sequences
-
-        tok = AutoTokenizer.from_pretrained(source)
-        seqs = heldout_sequences({}, tok, 1024)
-        with atomic_dir(out, force=True) as tmp:
-            info = G.write_export(source, tmp, quant)
-            check = G.verify_export(tmp, info, source, seqs, [],
-                                    {"min_top1": 0.0, "max_kld": 1e9})
-            info.pop("plan", None)
-            m = write_manifest(tmp, "export", {"target": "gguf", "quant": quant,
-                                               "exporter": info, "verification": check})
+        m = export_merged(source, out, target=target, quant=quant, force=True,
+                          eval_tokens=1024, thresholds={"min_top1": 0.0, "max_kld": 1e9})
     v = m["verification"]
     size = sum(f["size_bytes"] for n, f in m["files"].items()
                if n.endswith((".gguf", ".onnx", ".onnx.data")))

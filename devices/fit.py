@@ -1,7 +1,8 @@
 """The fit check: will this export run on that device, in how much memory, how fast?
 
 ``model_facts(path)`` reads sizes and architecture numbers from an export directory or a bare
-GGUF file (tensor table and metadata through ``gguf.GGUFReader``; nothing is loaded).
+GGUF file (tensor table and metadata through ``runtimes.gguf_header``, the one GGUF header
+reader; nothing is loaded).
 ``fit(facts, profile, context)`` is a pure function of those facts and a ``DeviceProfile``:
 
     resident = weights + repacked copies + KV cache + runtime overhead
@@ -39,6 +40,8 @@ from typing import Any, Iterable, Sequence
 from edgeqlora.artifacts import read_json
 from edgeqlora.errors import DeviceError, EdgeQloraError
 
+from edgeqlora.runtimes.gguf_header import Tensor, read_gguf_header
+
 from .profiles import DeviceProfile
 
 MiB = 2**20
@@ -67,15 +70,6 @@ _REPACK_X86_AVX2 = {"Q4_0": 8, "Q4_K": 8, "IQ4_NL": 8, "MXFP4": 8}
 _REPACK_X86_AVX512 = {"Q2_K": 8}
 _REPACK_ARM_DOTPROD = {"Q4_0": 4, "Q4_K": 8, "Q5_K": 8, "Q6_K": 8, "IQ4_NL": 4, "MXFP4": 4,
                        "Q8_0": 4}
-
-
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-    name: str
-    type: str
-    ne1: int  # rows (ggml ne[1]): the repack interleave must divide it
-    n_elements: int
-    n_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,116 +131,6 @@ class FitResult:
         return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
 
 
-# ---------------------------------------------------------------------------------------------
-# reading the model
-
-
-# GGUF metadata value types -> struct format (gguf.GGUFValueType numbering).
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
-            12: "d"}
-_STRING, _ARRAY = 8, 9
-# Arrays longer than this (token lists, merges, scores) are skipped, only their length kept.
-_MAX_ARRAY = 4096
-
-
-def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[Tensor]]:
-    """Metadata and tensor table of a GGUF file, without reading the tensor data.
-
-    Hand-written because ``gguf.GGUFReader`` builds a numpy view per array element: 9.5 s for
-    the 135M model's 98k tokenizer strings on this machine, minutes on a Pi. This reads the
-    same layout (llama.cpp ``docs/gguf.md``, v2/v3, little-endian) with ``gguf``'s own type
-    numbers and block sizes, skips long arrays keeping their length, and is checked against
-    GGUFReader in tests/test_devices.py.
-    """
-    import mmap
-    import struct
-
-    from edgeqlora.errors import require
-
-    gguf = require("gguf", "gguf", "Reading a GGUF file's architecture")
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise DeviceError(f"cannot read {path} ({exc.strerror})") from None
-    with f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # empty file
-            raise DeviceError(f"{path} is empty, not a GGUF file") from None
-    pos = 0
-
-    def take(fmt: str):
-        nonlocal pos
-        value = struct.unpack_from("<" + fmt, buf, pos)
-        pos += struct.calcsize("<" + fmt)
-        return value[0] if len(value) == 1 else value
-
-    def string() -> str:
-        nonlocal pos
-        n = take("Q")
-        raw = buf[pos:pos + n]
-        if len(raw) != n:
-            raise struct.error("string runs past the end of the file")
-        pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(vtype: int):
-        nonlocal pos
-        if vtype in _SCALARS:
-            return take(_SCALARS[vtype])
-        if vtype == _STRING:
-            return string()
-        if vtype == _ARRAY:
-            itype, count = take("I"), take("Q")
-            if count > _MAX_ARRAY:
-                if itype in _SCALARS:
-                    pos += count * struct.calcsize("<" + _SCALARS[itype])
-                else:
-                    for _ in range(count):
-                        value(itype)
-                return _Skipped(count)
-            return [value(itype) for _ in range(count)]
-        raise struct.error(f"unknown metadata value type {vtype}")
-
-    try:
-        if take("4s") != b"GGUF":
-            raise DeviceError(f"{path} is not a GGUF file (first bytes are not 'GGUF')")
-        version = take("I")
-        if version not in (2, 3):
-            raise DeviceError(f"{path} is GGUF version {version}; this reads versions 2 and 3 "
-                              "(a big-endian file reads as a huge version)")
-        n_tensors, n_kv = take("Q"), take("Q")
-        kv: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            kv[key] = value(take("I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [take("Q") for _ in range(take("I"))]
-            ttype = take("I")
-            take("Q")  # data offset
-            try:
-                qtype = gguf.GGMLQuantizationType(ttype)
-            except ValueError:
-                raise DeviceError(f"{path}: tensor {name} has ggml type {ttype}, unknown to "
-                                  "this gguf package; upgrade it (pip install -U gguf)") from None
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            n = math.prod(dims)
-            tensors.append(Tensor(name, qtype.name, dims[1] if len(dims) > 1 else 1, n,
-                                  n // block * size))
-    except (struct.error, IndexError, OverflowError, MemoryError) as exc:
-        raise DeviceError(f"{path} is truncated or not a valid GGUF file ({exc})") from None
-    finally:
-        buf.close()
-    return kv, tensors
-
-
-class _Skipped(int):
-    """The length of a long metadata array that was skipped."""
-
-
 def gguf_facts(path: str | Path, target_path: str | None = None,
                extra: Sequence[Path] = ()) -> ModelFacts:
     """Facts from a GGUF file's metadata and tensor table (plus adapter files in ``extra``)."""
@@ -254,7 +138,7 @@ def gguf_facts(path: str | Path, target_path: str | None = None,
 
     gguf = require("gguf", "gguf", "Reading a GGUF file's architecture")
     path = Path(path)
-    kv, tensors = read_gguf_header(path)
+    kv, tensors = read_gguf_header(path, DeviceError)
     arch = kv.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise DeviceError(f"{path}: GGUF key general.architecture is missing")
@@ -288,7 +172,7 @@ def gguf_facts(path: str | Path, target_path: str | None = None,
             (t.ne1 for t in tensors if t.name == "token_embd.weight"), 0)
     file_bytes = path.stat().st_size
     for p in extra:
-        tensors += read_gguf_header(p)[1]
+        tensors += read_gguf_header(p, DeviceError)[1]
         file_bytes += p.stat().st_size
     ftype = kv.get(gguf.Keys.General.FILE_TYPE)
     quant = None
@@ -374,147 +258,34 @@ def model_facts(path: str | Path) -> ModelFacts:
                       "(gguf, onnx)")
 
 
-# ---------------------------------------------------------------------------------------------
-# predicting an export before it is written (``edgeqlora export --device``)
-
-# GGUF quant -> (type of the weight matrices, type of the output head and of a tied token
-# embedding). The K-quant mixes are llama.cpp's (``llama_tensor_get_type`` in
-# src/llama-quant.cpp: the head at Q6_K); the direct types are this project's own writer
-# (exporters/gguf.py ``_choose_type``: the q4_0 head at Q8_0).
-GGUF_MIX = {
-    "f32": ("F32", "F32"), "f16": ("F16", "F16"), "bf16": ("BF16", "BF16"),
-    "q8_0": ("Q8_0", "Q8_0"), "q4_0": ("Q4_0", "Q8_0"),
-    "q6_k": ("Q6_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q4_k_m": ("Q4_K", "Q6_K"),
-    "q3_k_m": ("Q3_K", "Q6_K"),
-}
-# llama.cpp's type for a row that does not divide into 256-value K blocks
-# ("convert_incompatible_tensor" in the same function; Q3_K -> Q4_0 as llama-cpp-python 0.3.36
-# does it, older releases used IQ4_NL of the same size); the direct writer falls back to F16.
-# Checked against real SmolLM2-135M exports: every mix identical, files within 0.05 %.
-_K_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-# GGUF metadata (hyper-parameters, token strings and types, BPE merges) per vocabulary entry:
-# 36.3 bytes measured on SmolLM2's 49,152-token vocabulary, the same in every quant.
-GGUF_METADATA_PER_VOCAB = 37
-# ONNX quant -> (MatMul bits, output-head bits, token-embedding storage), as
-# exporters/onnx.py's RECIPES write them. "int4" and "head": a tied table is read from the
-# quantized head (no copy of its own); untied, it is stored at 4 bits ("int4") or fp16 ("head").
-# Checked against the SmolLM2-135M int4 export: within 0.01 %.
-ONNX_MIX = {
-    "fp32": (32, 32, "fp32"), "fp16": (16, 16, "fp16"), "int8": (8, 8, "fp16"),
-    "int4-q8head": (4, 8, "head"), "int4": (4, 4, "int4"),
-}
-# The ONNX graph (model.onnx without its weights): 1.37 MB measured for SmolLM2's 30 layers.
-ONNX_GRAPH_PER_LAYER = 46_000
-
-
-def _more_bits(layer: int, n_layers: int) -> bool:
-    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third
-    one between them get the higher type in the _M mixes."""
-    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 \
-        or (layer - n_layers // 8) % 3 == 2
-
-
-def _gguf_type(quant: str, name: str, layer: int, n_layers: int) -> str:
-    bulk, head = GGUF_MIX[quant]
-    role = name.rsplit(".", 2)[-2] if name.startswith("blk.") else name
-    if role == "output.weight":
-        return head
-    if quant in ("q4_k_m", "q5_k_m") and role in ("attn_v", "ffn_down") \
-            and _more_bits(layer, n_layers):
-        return "Q6_K"
-    if quant == "q3_k_m":
-        if role == "attn_v":
-            return "Q5_K" if layer < 2 else "Q4_K"
-        if role == "ffn_down":
-            return "Q5_K" if layer < n_layers // 16 else "Q4_K"
-        if role == "attn_output":
-            return "Q4_K"
-    return bulk
-
-
 def predict_facts(config: dict[str, Any], shapes: dict[str, Sequence[int]], target: str,
-                  quant: str, block_size: int = 32, path: str = "") -> ModelFacts:
+                  quant: str, block_size: int | None = None, path: str = "",
+                  tokenizer_dir: str | Path | None = None, **options: Any) -> ModelFacts:
     """What an export of a model would look like, before it is written: the facts ``fit``
     needs, from the model's ``config.json`` and its tensor shapes (Hugging Face names, as in
-    the safetensors headers), with each tensor at the type ``quant`` gives it.
+    the safetensors headers).
 
-    GGUF follows the per-tensor mix above, including the fallbacks for rows that do not divide
-    into the type's blocks, plus the metadata (within 0.05 % of the real files of SmolLM2-135M
-    for every GGUF quant). ONNX counts MatMul weights at ``bits`` plus one fp32 scale per
-    ``block_size`` values (symmetric: no zero points) plus the graph. Unknown quants raise a
+    The sizes and per-tensor types are the exporter's own prediction (``predict`` of
+    ``edgeqlora.exporters.gguf`` / ``.onnx``, built from the plan its writer follows), so the
+    fit check never keeps a copy of the quant rules. An unknown target or quant is a
     DeviceError."""
-    from edgeqlora.errors import require
+    from edgeqlora.errors import ConfigError
+    from edgeqlora.exporters import get_exporter
 
     numbers = _config_numbers(config, path or "config.json")
-    tied, n_layers = numbers["tied_embeddings"], numbers["n_layers"]
-    weights = {n: list(s) for n, s in shapes.items()
-               if not n.endswith(".rotary_emb.inv_freq") and not (tied and n == "lm_head.weight")}
-    if target == "onnx":
-        if quant not in ONNX_MIX:
-            raise DeviceError(f"no size prediction for ONNX quant {quant!r} (known: "
-                              f"{', '.join(ONNX_MIX)})")
-        bits, head_bits, table = ONNX_MIX[quant]
-
-        def per_value(b: int) -> float:  # bytes per value, block scales included
-            return b / 8 + (4 / block_size if b < 16 else 0)
-
-        table_bytes = {"int4": per_value(4), "head": 2, "fp16": 2, "fp32": 4}[table]
-        size = float(ONNX_GRAPH_PER_LAYER * n_layers)
-        for name, shape in weights.items():
-            n = math.prod(shape)
-            if len(shape) < 2:
-                size += 4 * n
-            elif name == "lm_head.weight":
-                size += n * per_value(head_bits)
-            elif name.endswith("embed_tokens.weight") and tied:
-                # The TorchScript export writes a tied head as its own MatMul weight; the
-                # table is read from it ("int4", "head") or stored beside it.
-                size += n * per_value(head_bits)
-                size += 0 if table in ("int4", "head") else n * table_bytes
-            elif name.endswith("embed_tokens.weight"):
-                size += n * table_bytes
-            else:
-                size += n * per_value(bits)
-        return ModelFacts(path=path, target="onnx", quant=quant, file_bytes=int(size),
-                          **numbers)
-    if target != "gguf":
-        raise DeviceError(f"no size prediction for export target {target!r} (gguf, onnx)")
-    if quant not in GGUF_MIX:
-        raise DeviceError(f"no size prediction for GGUF quant {quant!r} (known: "
-                          f"{', '.join(GGUF_MIX)})")
-    gguf = require("gguf", "gguf", "Predicting a GGUF export's size")
-    # Names as the GGUF writer gives them (gguf's own table; the Llama names cover the Llama
-    # family the exporters take); the name decides the role in the mix.
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    Q = gguf.GGMLQuantizationType
-    tensors = []
-    for hf_name, shape in weights.items():
-        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias")) or hf_name
-        if tied and name == "token_embd.weight":
-            name_for_type = "output.weight"  # llama.cpp quantizes a tied table as the head
-        else:
-            name_for_type = name
-        layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
-        if len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-            qtype = "F32"
-        else:
-            qtype = _gguf_type(quant, name_for_type, layer, n_layers)
-            if shape[-1] % gguf.GGML_QUANT_SIZES[Q[qtype]][0]:
-                qtype = _K_FALLBACK.get(qtype, "F16") if "_k" in quant else "F16"
-                if shape[-1] % gguf.GGML_QUANT_SIZES[Q[qtype]][0]:
-                    qtype = "F16"
-        block, size = gguf.GGML_QUANT_SIZES[Q[qtype]]
-        n = math.prod(shape)
-        tensors.append(Tensor(name, qtype, shape[0] if len(shape) > 1 else 1, n,
-                              n // block * size))
-    file_bytes = sum(t.n_bytes for t in tensors) + GGUF_METADATA_PER_VOCAB * numbers["n_vocab"]
-    numbers["n_params"] = sum(t.n_elements for t in tensors if t.name.endswith(".weight"))
-    return ModelFacts(path=path, target="gguf", quant=quant, file_bytes=file_bytes,
-                      tensors=tuple(tensors), **numbers)
-
-
-# ---------------------------------------------------------------------------------------------
-# the memory and speed model
+    try:
+        exporter = get_exporter(target)
+        if block_size is not None:  # ONNX's MatMulNBits block size
+            options["block_size"] = block_size
+        predicted = exporter.predict(config, shapes, quant, tokenizer_dir=tokenizer_dir,
+                                     **options)
+    except ConfigError as exc:
+        raise DeviceError(f"no size prediction for {target} quant {quant!r}: {exc}") from None
+    if predicted.get("n_params"):
+        numbers["n_params"] = int(predicted["n_params"])
+    return ModelFacts(path=path, target=target, quant=quant,
+                      file_bytes=int(predicted["file_bytes"]),
+                      tensors=tuple(predicted.get("tensors") or ()), **numbers)
 
 
 def _repacked(facts: ModelFacts, profile: DeviceProfile) -> int:
@@ -604,10 +375,6 @@ def fit(facts: ModelFacts, profile: DeviceProfile, context: int = 2048) -> FitRe
     else:
         verdict = "does not fit"
     return FitResult(verdict=verdict, notes=tuple(notes), **result)
-
-
-# ---------------------------------------------------------------------------------------------
-# choosing a quantization
 
 
 @dataclasses.dataclass(frozen=True)

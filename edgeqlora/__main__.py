@@ -1,3 +1,5 @@
+"""``python -m edgeqlora``: the same command line as the ``edgeqlora`` script."""
+
 import sys
 
 from .cli import main

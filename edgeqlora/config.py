@@ -43,7 +43,7 @@ class ExportConfig:
     # Tokens of held-out data used to measure merge bases and verify exports.
     eval_tokens: int = 2048
     # GGUF K-quants/Q4_0: importance matrix from "none", "auto" (the adapter's training data) or
-    # a path to calibration rows (exporters/gguf_imatrix.py).
+    # a path to calibration rows (exporters/gguf/imatrix.py).
     imatrix: str = "none"
 
 
@@ -133,10 +133,6 @@ def _validate(cfg: Config) -> list[str]:
         problems.append(f"export.merge_base={cfg.export.merge_base!r} is not one of "
                         f"{', '.join(MERGE_BASES)}")
     return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# Flattening, parsing and building
 
 
 def _field_types(cls) -> dict[str, Any]:

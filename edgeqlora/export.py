@@ -1,30 +1,38 @@
-"""The export stage: trained adapter -> merged model -> target files -> verified export dir.
+"""The export stage: trained adapter (or merged checkpoint) -> target files -> verified export.
+
+The only place that orchestrates an export; the exporters (``edgeqlora.exporters.gguf``,
+``.onnx``) are leaves that write and check files from plain inputs.
 
 ``export_adapter(adapter_dir, out_dir, target="gguf", quant=...)``:
 
-1. checks everything cheap first (target, quant type, optional dependencies, the output dir, the
-   adapter against its manifest and its base) so bad input fails in a second with one line;
+1. checks everything cheap first (target, quant, the exporter's options, the output dir, the
+   adapter against its manifest and its base, the architecture, the calibration data spec) so
+   bad input fails in a second with one line;
 2. merges (``edgeqlora.merge``; ``merge_base`` auto/original/dequantized) into a scratch
-   directory beside the output; for ``adapter_only`` the base alone is written too;
-3. has the target's exporter write its files into a temporary sibling of ``out_dir``;
-4. verifies them against the merged model on held-out tokens (the exporter's ``verify_export``):
+   directory beside the output; for ``adapter_only`` the base alone is written too, and for the
+   ``FROM_ADAPTER_QUANTS`` (ONNX ``nf4-exact``) the unmerged base and the LoRA deltas go to the
+   exporter, verified against the trained model instead of a merge;
+3. makes the calibration rows the quant asks for once (``heldout.calibration_sequences``) and
+   the reference the export is verified against (``heldout.VerifySet``: held-out sequences,
+   the reference model's logits on them, texts whose tokenization must match);
+4. has the exporter write its files into a temporary sibling of ``out_dir`` and verify them:
    below the thresholds it raises ExportError and nothing is shipped, unless ``force``;
-5. writes ``manifest.json`` (kind ``export``) and renames the directory into place. An existing
+5. with ``parity``, runs the parity gate against the trained model (``edgeqlora.parity``);
+6. writes ``manifest.json`` (kind ``export``) and renames the directory into place. An existing
    export is replaced only with ``force``, and only once the new one is complete.
 
-With ``device`` (``edgeqlora export --device pi-zero-2w``) the quant is chosen for that device.
-The candidates (``DEVICE_CANDIDATES``, best first, or the one ``quant`` asked for) get a
-footprint predicted from the base's shapes before anything is written
-(``edgeqlora.devices.fit.predict_facts``); those that cannot fit are not exported. The rest are
-tried in order of precision, all from one merge:
-each is written, verified, parity-gated and fit-checked on its real files in its own temporary
-directory, and the first that passes is renamed into place; the losers are deleted. The
-decision, the reason and every rejection are recorded in the manifest's ``device`` section.
+With ``device`` the quant is chosen for that device (``edgeqlora.export_device``): every
+candidate is predicted, those that fit are tried from one merge, best first, and only the first
+that passes verification, the fit of its real files and the gate is kept.
+
+``export_merged(model_dir, out_dir, target=...)`` exports an already merged checkpoint (the
+output of ``edgeqlora merge`` or any supported local checkpoint), verified against itself.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 import sys
@@ -32,28 +40,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import export_device as D
 from .artifacts import atomic_dir, prepare_output, versions, write_manifest
-from .errors import (ConfigError, DeviceError, EdgeQloraError, ExportError, InputError,
-                     MissingDependencyError, ParityError)
+from .errors import (ConfigError, DataError, EdgeQloraError, ExportError, InputError,
+                     ParityError, require)
+from .heldout import VerifySet, heldout_sequences, training_data_spec, verification_texts
 
 log = logging.getLogger(__name__)
 
-# What ``--device`` chooses from, best first. It starts at 8 bits: decode on a CPU is
-# bandwidth-bound, so 16-bit weights halve the speed for a difference the parity gate does not
-# see (SmolLM2-135M: Q8_0 KLD 0.006 against fp32). Ask for f16 / fp16 with --quant.
-DEVICE_CANDIDATES = {
-    "gguf": ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m"),
-    "onnx": ("int8", "int4-gptq-q8head", "int4-gptq"),
-}
-
-# Text whose tokenization must survive the export byte for byte, besides the held-out prompts:
-# digits, whitespace runs, unicode, special tokens in text.
-TOKENIZER_PROBES = (
-    "Set the thermostat to 21.5 degrees at 07:45, then 1234567 and 3.14159.",
-    "  leading spaces\tand\ttabs\n\nnew lines  ",
-    "ünïcødé — «quotes» 😀 中文 русский",
-    "<|im_start|>user\nturn on the lamp<|im_end|>\n<|im_start|>assistant\n",
-)
+VERSIONS = ("edgeqlora", "gguf", "llama_cpp_python", "onnx", "onnxruntime", "onnx-ir",
+            "onnxruntime-genai", "torch", "transformers", "peft", "bitsandbytes", "safetensors",
+            "tokenizers")
+MANIFEST_ORDER = ("target", "quant", "quant_mix", "adapter_only", "merge", "verification",
+                  "exporter", "source", "versions", "parity")
 
 
 def thresholds_for(exporter, quant: str, cfg=None, overrides: dict[str, float] | None = None
@@ -84,86 +83,72 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                    **options: Any) -> dict[str, Any]:
     """Merge, export, verify; returns the manifest written to ``out_dir/manifest.json``.
 
-    ``options`` go to the target's writer (ONNX: block_size, symmetric, accuracy_level,
-    context_length). With ``parity`` the export is also run through the parity gate against the
-    trained model (``edgeqlora.parity``) before it is shipped; the results go in the manifest.
+    ``options`` go to the target's writer (GGUF: imatrix, imatrix_rows; ONNX: block_size,
+    symmetric, accuracy_level, context_length, calibration_data, calibration_rows). With
+    ``parity`` the export is also run through the parity gate against the trained model before
+    it is shipped; the results go in the manifest.
 
     ``device`` (a profile name, a .toml path or a ``DeviceProfile``) chooses the quant for that
-    device at ``context`` tokens (see the module docstring); with ``quant`` too, that quant is
-    exported only if it fits. Under ``device``, ``force`` only allows replacing ``out_dir``: an
-    export that fails verification, the gate or the fit is never kept. Nothing fits ->
-    DeviceError naming the smallest footprint; every fitting quant fails the gate ->
-    ParityError naming each one's failing metrics."""
+    device at ``context`` tokens; with ``quant`` too, that quant is exported only if it fits.
+    Under ``device``, ``force`` only allows replacing ``out_dir``: an export that fails
+    verification, the gate or the fit is never kept. Nothing fits -> DeviceError naming the
+    smallest footprint; every fitting quant fails the gate -> ParityError naming each one's
+    failing metrics."""
     from . import merge as M
     from .exporters import get_exporter
 
     exporter = get_exporter(target)
     profile, explicit = None, quant is not None
     if device is not None:
-        profile, candidates, tried = _device_candidates(exporter, target, device, quant,
-                                                        adapter_only)
-        quant = candidates[0]
+        profile, candidates, tried = D.candidates_for(exporter, target, device, quant,
+                                                      adapter_only)
     else:
-        quant = exporter.check_quant(quant or exporter.DEFAULT_QUANT, adapter_only)
-        candidates, tried = [quant], []
+        candidates, tried = [exporter.check_quant(quant or exporter.DEFAULT_QUANT,
+                                                  adapter_only)], []
+    from_adapter = [q for q in candidates if q in getattr(exporter, "FROM_ADAPTER_QUANTS", ())]
+    if from_adapter and len(candidates) > 1:
+        raise AssertionError("device candidates never include quants made from the adapter")
     if merge_base not in M.MERGE_BASES:
         raise ConfigError(f"merge_base={merge_base!r} is not one of {', '.join(M.MERGE_BASES)}")
-    if profile is None and quant in getattr(exporter, "FROM_ADAPTER_QUANTS", ()):
-        # Exported from the trained adapter itself (ONNX nf4-exact): nothing to merge.
-        th = thresholds_for(exporter, quant, cfg, thresholds)
-        manifest = exporter.export_from_adapter(adapter_dir, out_dir, quant, force=force,
-                                                eval_tokens=eval_tokens, thresholds=th,
-                                                progress=progress, **options)
-        if parity:
-            manifest = _gate(adapter_dir, Path(out_dir), manifest, cfg, force, in_place=True,
-                             progress=progress)
-        return manifest
+    options = exporter.check_options(options)
     out_dir = Path(out_dir)
-    try:
-        prepare_output(out_dir, force=force, what="export")
-    except OSError as exc:  # e.g. a parent path that is a file, or a read-only mount
-        raise InputError(f"cannot write export {out_dir}: {exc.strerror or exc}") from None
+    _prepare(out_dir, force)
     adapter = M.read_adapter(adapter_dir)
     M.check_fit(adapter)
-    # Options that depend on the adapter (GGUF imatrix=auto: its training data), resolved by
-    # the exporter before the slow part.
-    if hasattr(exporter, "resolve_options"):
-        options = exporter.resolve_options(options, adapter.manifest)
+    if from_adapter:
+        lora_keys = _check_from_adapter(adapter, from_adapter[0])
+    else:
+        lora_keys = list(adapter.deltas) if adapter_only else None
     # Target-specific refusals (architecture, adapter layout) before the slow part.
-    exporter.check_model(adapter.base_dir, lora_keys=list(adapter.deltas) if adapter_only
-                         else None)
-    plan: list[tuple[str, Any]] = [(quant, None)]
+    exporter.check_model(adapter.base_dir, lora_keys=lora_keys)
+    requests = _calibration_requests(exporter, candidates, options, adapter.manifest)
+    plan: list[tuple[str, Any]] = [(q, None) for q in candidates]
     if profile is not None:
-        block = options.get("block_size") or getattr(exporter, "DEFAULT_OPTIONS", {}).get(
-            "block_size", 32)
-        plan = _device_plan(adapter.base_dir, target, candidates, profile, context, block,
-                            tried, explicit, out_dir)
-
+        plan = D.plan(adapter.base_dir, target, candidates, profile, context, options, tried,
+                      explicit, out_dir)
+    scratch = _scratch(out_dir)
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.work-",
-                                        dir=out_dir.resolve().parent))
-    except OSError as exc:
-        raise InputError(f"cannot write export {out_dir}: {exc.strerror}") from None
-    try:
-        merged = scratch / "merged"
-        merged.mkdir()
-        result = M._merge_into(adapter, merged, merge_base, "float32", eval_tokens, progress)
-        model_dir, lora = merged, None
-        if adapter_only:
-            model_dir = scratch / "base"
-            model_dir.mkdir()
-            M.write_merged(adapter, model_dir, result.merge_base, with_lora=False)
-            lora = {k: (d.A.numpy(), d.B.numpy(), d.scale) for k, d in adapter.deltas.items()}
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(merged)
-        seqs = M.heldout_sequences(adapter.manifest, tok, eval_tokens)
-        texts = [_prompt_text(tok, m) for m in M.heldout_conversations(adapter.manifest, 16)]
-        texts += list(TOKENIZER_PROBES)
+        if from_adapter:
+            model_dir, lora, merge_record = _from_adapter_inputs(M, adapter, scratch, options)
+            reference = _trained_reference(adapter, model_dir, eval_tokens)
+        else:
+            merged = scratch / "merged"
+            merged.mkdir()
+            result = M._merge_into(adapter, merged, merge_base, "float32", eval_tokens,
+                                   progress)
+            merge_record = {k: v for k, v in result.to_dict().items() if k != "out_dir"}
+            model_dir, lora = merged, None
+            if adapter_only:
+                model_dir = scratch / "base"
+                model_dir.mkdir()
+                M.write_merged(adapter, model_dir, result.merge_base, with_lora=False)
+                lora = _lora_arrays(adapter)
+            reference = _merged_reference(merged, adapter.manifest, eval_tokens,
+                                          known=getattr(result, "logits", None))
         base_record = {
             "target": target,
             "adapter_only": adapter_only,
-            "merge": {k: v for k, v in result.to_dict().items() if k != "out_dir"},
+            "merge": merge_record,
             "source": {
                 "adapter": str(Path(adapter_dir).resolve()),
                 "adapter_created": adapter.manifest.get("created"),
@@ -173,152 +158,168 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                 "quant": adapter.quant,
             },
         }
-        reference = None
+        calibrations = _Calibrations(requests, model_dir)
+        gate = _Gate(adapter_dir, cfg, parity, progress, shared=len(plan) > 1)
         for q, predicted in plan:
             if profile is not None:
                 _say(progress, f"trying {target} {q} for {profile.name}"
                      + (f" ({predicted.total_bytes / 2**20:.0f} MiB predicted of "
                         f"{profile.usable_mb} MiB usable)" if predicted else ""))
-                if parity and reference is None and len(plan) > 1:
-                    # One trained model for every attempt's gate, not a reload per quant.
-                    reference = _LazyReference(adapter_dir)
+            job = _Job(exporter, q, model_dir, lora, adapter_quant, calibrations.get(q),
+                       reference, thresholds_for(exporter, q, cfg, thresholds), options,
+                       progress)
             try:
                 with atomic_dir(out_dir, force=force, what="export") as tmp:
-                    manifest = _write_one(
-                        exporter, tmp, out_dir, q, base_record, model_dir, merged, lora,
-                        adapter_quant, seqs, texts, thresholds_for(exporter, q, cfg, thresholds),
-                        adapter_dir, cfg, force, parity, progress, options, profile, context,
-                        predicted, tried, reference, explicit)
-                return manifest
-            except _Rejected as rejected:
+                    return _write_one(job, tmp, out_dir, base_record, force, gate, profile,
+                                      context, predicted, tried, explicit)
+            except D.Rejected as rejected:
                 tried.append(rejected.record)
                 _say(progress, f"rejected {q}: {rejected.record['outcome']} "
                      f"({rejected.record['why']})")
-        _none_passed(target, profile, context, tried, out_dir)
+        D.none_passed(target, profile, context, tried, out_dir)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ExportError(f"disk full while exporting to {out_dir}; free space and run the "
-                              "export again (nothing was kept)") from None
-        raise ExportError(f"cannot write export {out_dir}: {exc.strerror or exc}") from None
-    except EdgeQloraError:
-        raise
+        raise _os_error(exc, out_dir) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    raise AssertionError("unreachable: _none_passed raises")
+    raise AssertionError("unreachable: none_passed raises")
 
 
-class _Rejected(Exception):
-    """A quant tried under ``--device`` that is not shipped; the next candidate is tried."""
+def export_merged(model_dir: str | Path, out_dir: str | Path, target: str = "onnx",
+                  quant: str | None = None, *, force: bool = False, eval_tokens: int = 1024,
+                  thresholds: dict[str, float] | None = None, progress: bool = False,
+                  **options: Any) -> dict[str, Any]:
+    """Export an already merged Hugging Face checkpoint (``edgeqlora merge`` output, or any
+    supported local checkpoint): write, verify against that checkpoint on held-out tokens,
+    write ``manifest.json``, rename into place. Calibrated quants need ``calibration_data``
+    (there is no adapter whose training data ``auto`` could mean)."""
+    from .exporters import get_exporter
 
-    def __init__(self, record: dict[str, Any]):
-        super().__init__(record["why"])
-        self.record = record
+    exporter = get_exporter(target)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    quant = exporter.check_quant(quant or exporter.DEFAULT_QUANT)
+    if quant in getattr(exporter, "FROM_ADAPTER_QUANTS", ()):
+        raise ConfigError(f"quant={quant} is exported from a trained adapter (its 4-bit base "
+                          "and unmerged LoRA), not from a merged checkpoint; pass the adapter "
+                          "directory instead")
+    options = exporter.check_options(options)
+    requests = _calibration_requests(exporter, [quant], options, {})
+    exporter.check_model(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir} has no tokenizer.json; an export ships the Hugging Face "
+                         "tokenizer beside the model (copy tokenizer.json, tokenizer_config.json "
+                         "and the chat template from the base model)")
+    _prepare(out_dir, force)
+    calibration = _Calibrations(requests, model_dir).get(quant)
+    reference = _merged_reference(model_dir, {}, eval_tokens, n_texts=8)
+    job = _Job(exporter, quant, model_dir, None, None, calibration, reference,
+               {**exporter.default_thresholds(quant), **(thresholds or {})}, options, progress)
+    record = {"target": target, "adapter_only": False, "merge": None,
+              "source": {"merged": str(model_dir.resolve())}}
+    try:
+        with atomic_dir(out_dir, force=force, what="export") as tmp:
+            return _write_one(job, tmp, out_dir, record, force, _Gate(None, None, False,
+                                                                      progress))
+    except OSError as exc:
+        raise _os_error(exc, out_dir) from None
 
 
-class _LazyReference:
-    """``parity.TorchReference``, loaded when the gate first asks for it (an attempt that
-    fails verification never does) and then kept for the next attempts."""
+class _Job:
+    """One quant to write and verify, with everything the exporter needs."""
 
-    def __init__(self, adapter_dir):
-        self.adapter_dir, self._ref = adapter_dir, None
-
-    def __getattr__(self, name: str):
-        if self._ref is None:
-            from .parity import TorchReference
-
-            self._ref = TorchReference(self.adapter_dir)
-        return getattr(self._ref, name)
+    def __init__(self, exporter, quant, model_dir, lora, adapter_quant, calibration, reference,
+                 thresholds, options, progress):
+        self.exporter, self.quant, self.model_dir, self.lora = exporter, quant, model_dir, lora
+        self.adapter_quant, self.calibration = adapter_quant, calibration
+        self.reference, self.thresholds = reference, thresholds
+        self.options, self.progress = options, progress
 
 
-def _say(enabled: bool, message: str) -> None:
-    log.info(message)
-    if enabled:
-        print(message, file=sys.stderr)
-
-
-def _write_one(exporter, tmp: Path, out_dir: Path, quant: str, base_record: dict[str, Any],
-               model_dir: Path, merged: Path, lora, adapter_quant: str, seqs, texts,
-               th: dict[str, float], adapter_dir, cfg, force: bool, parity: bool,
-               progress: bool, options: dict[str, Any], profile, context: int, predicted,
-               tried: list[dict[str, Any]], reference, explicit: bool) -> dict[str, Any]:
+def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any], force: bool,
+               gate: "_Gate", profile=None, context: int = 2048, predicted=None,
+               tried: list[dict[str, Any]] | None = None, explicit: bool = False
+               ) -> dict[str, Any]:
     """Write, verify, gate (and under a device profile: fit-check) one quant into ``tmp``.
-    Under a profile a loss raises ``_Rejected``; otherwise the errors of a plain export."""
-    target = base_record["target"]
-    info = exporter.write_export(model_dir, tmp, quant, lora=lora, adapter_quant=adapter_quant,
-                                 progress=progress, **options)
-    check = exporter.verify_export(tmp, info, merged, seqs, texts, th)
+    Under a profile a loss raises ``Rejected``; otherwise the errors of a plain export."""
+    from .exporters import PRIVATE_INFO
+
+    target, quant = base_record["target"], job.quant
+    kwargs = {"adapter_quant": job.adapter_quant} if job.adapter_quant else {}
+    info = job.exporter.write_export(job.model_dir, tmp, quant, lora=job.lora,
+                                     calibration=job.calibration, progress=job.progress,
+                                     **kwargs, **job.options)
+    check = job.exporter.verify_export(tmp, info, job.reference, job.thresholds)
+    check.setdefault("reference", job.reference.label)
     if not check["passed"]:
         if profile is not None:
-            raise _Rejected(_attempt(quant, predicted, "failed verification",
-                                     "; ".join(check["problems"])))
+            raise D.Rejected(D.attempt(quant, predicted, "failed verification",
+                                       "; ".join(check["problems"])))
         if not force:
             raise ExportError(
-                f"the {target} {quant} export failed verification against the merged model "
-                f"({'; '.join(check['problems'])}); nothing was written to {out_dir}. Pass "
-                "--force to keep it anyway, or try a higher-precision quant")
-    info.pop("plan", None)
-    info.pop("readback", None)
+                f"the {target} {quant} export failed verification against the "
+                f"{job.reference.label} ({'; '.join(check['problems'])}); nothing was written "
+                f"to {out_dir}. Pass --force to keep it anyway, or try a higher-precision quant")
+    for key in PRIVATE_INFO:
+        info.pop(key, None)
     # mkdtemp made the directory private; an export is meant to be shared and served.
     tmp.chmod(0o755)
-    record = dict(base_record)
-    record.update({
-        "quant": quant,
-        "quant_mix": info.get("quant_mix"),
-        "verification": check,
-        "exporter": info,
-        "versions": versions("edgeqlora", "gguf", "llama_cpp_python", "onnx", "onnxruntime",
-                             "onnx-ir", "onnxruntime-genai", "torch", "transformers", "peft",
-                             "bitsandbytes", "safetensors"),
-        "parity": "not run (--no-parity)" if not parity else "pending",
-    })
-    order = ("target", "quant", "quant_mix", "adapter_only", "merge", "verification",
-             "exporter", "source", "versions", "parity")
-    manifest = write_manifest(tmp, "export", {k: record[k] for k in order})
+    record = {**base_record, "quant": quant, "quant_mix": info.get("quant_mix"),
+              "verification": check, "exporter": info, "versions": versions(*VERSIONS),
+              "parity": "pending" if gate.enabled else "not run (--no-parity)"}
+    manifest = write_manifest(tmp, "export", {k: record[k] for k in MANIFEST_ORDER
+                                              if k in record})
+    real = None
     if profile is not None:
-        # The fit of the real files first: it is cheap, the gate is not.
-        from .devices.fit import MiB, fit, model_facts
-
-        real = fit(model_facts(tmp), profile, context)
-        if real.verdict not in ("fits", "tight"):
-            raise _Rejected(_attempt(
-                quant, predicted, real.verdict, f"{real.total_bytes / MiB:.0f} MiB for the "
-                f"written files > {profile.usable_mb} MiB usable", total_bytes=real.total_bytes))
-    if parity:
-        manifest = _gate(adapter_dir, tmp, manifest, cfg, force or profile is not None,
-                         progress=progress, reference_model=reference)
+        real = D.check_real_fit(tmp, quant, profile, context, predicted)
+    if gate.enabled:
+        manifest = gate.run(tmp, manifest, force or profile is not None)
         if profile is not None and not manifest["parity"]["passed"]:
-            raise _Rejected(_attempt(quant, predicted, "failed the parity gate",
-                                     ", ".join(manifest["parity"]["failures"] or [])))
+            raise D.Rejected(D.attempt(quant, predicted, "failed the parity gate",
+                                       ", ".join(manifest["parity"]["failures"] or [])))
     if profile is None:
         return manifest
-    how = "fits" if real.verdict == "fits" else "fits (without the 15 % margin)"
-    gated = "passes the parity gate" if parity else "passes verification (parity gate not run)"
-    predicted_mib = f"{predicted.total_bytes / MiB:.0f} MiB" if predicted else "no prediction"
-    what = f"{quant} (asked for with --quant)" if explicit else \
-        f"{quant} is the highest-precision {target} quant that"
-    reason = (f"{what} {how} {profile.name} and {gated}: {real.total_bytes / MiB:.0f} MiB for "
-              f"the written files ({predicted_mib} predicted before export) of "
-              f"{profile.usable_mb} MiB usable at context {context}")
-    if tried:
-        reason += "; not chosen: " + "; ".join(f"{t['quant']} {t['outcome']} ({t['why']})"
-                                               for t in tried)
-    chosen = _attempt(quant, predicted, "chosen", f"{real.verdict}: "
-                      f"{real.total_bytes / MiB:.0f} MiB for the written files; {gated}",
-                      total_bytes=real.total_bytes)
-    device = {"name": profile.name, "title": profile.title, "profile": profile.source,
-              "context": context, "usable_bytes": profile.usable_bytes,
-              "verdict": real.verdict, "predicted_bytes": predicted.total_bytes
-              if predicted else None, "total_bytes": real.total_bytes,
-              # the fit of the files as shipped (measured in the temporary directory)
-              "fit": {**real.to_dict(), "model": str(out_dir)},
-              "reason": reason, "tried": [*tried, chosen]}
-    return _rewrite_manifest(tmp, manifest, device=device)
+    return _rewrite_manifest(tmp, manifest, device=D.record(
+        target, quant, profile, context, predicted, real, gate.enabled, explicit, tried or [],
+        out_dir))
 
 
-def _attempt(quant: str, predicted, outcome: str, why: str, **extra: Any) -> dict[str, Any]:
-    return {"quant": quant, "outcome": outcome, "why": why,
-            "predicted_bytes": predicted.total_bytes if predicted else None,
-            "predicted_verdict": predicted.verdict if predicted else None, **extra}
+class _Gate:
+    """The parity gate on a written export, against the trained model. Under ``--device``
+    the trained model is loaded once for every attempt (and only if one gets that far)."""
+
+    def __init__(self, adapter_dir, cfg, enabled: bool, progress: bool, shared: bool = False):
+        self.adapter_dir, self.cfg, self.enabled = adapter_dir, cfg, enabled
+        self.progress, self.shared, self._ref = progress, shared, None
+
+    def run(self, export_dir: Path, manifest: dict[str, Any], force: bool) -> dict[str, Any]:
+        """The gate's results in the manifest. Beyond the thresholds: ParityError (exit 1) and,
+        unless ``force``, the export is not shipped (the atomic write is rolled back)."""
+        from .parity import TorchReference, run_parity
+
+        if self.shared and self._ref is None:
+            self._ref = TorchReference(self.adapter_dir)
+        report_dir = Path(tempfile.mkdtemp(prefix=".parity-", dir=export_dir.resolve().parent))
+        shutil.rmtree(report_dir)
+        try:
+            try:
+                report = run_parity(self.adapter_dir, [export_dir], report_dir, self.cfg,
+                                    force=True, max_new_tokens=self.cfg.max_new_tokens
+                                    if self.cfg else 64, progress=self.progress,
+                                    reference_model=self._ref)
+            except ParityError:
+                report = json.loads((report_dir / "parity.json").read_text())
+            name = next(iter(report.get("candidates", {})), None)
+            entry = {"passed": report.get("passed"), "thresholds": report.get("thresholds"),
+                     "failures": report.get("failures", {}).get(name),
+                     "metrics": report.get("candidates", {}).get(name),
+                     "reference": report.get("reference")}
+            manifest = _rewrite_manifest(export_dir, manifest, parity=entry)
+        finally:
+            shutil.rmtree(report_dir, ignore_errors=True)
+        if not entry["passed"] and not force:
+            raise ParityError(f"parity gate failed against the trained model "
+                              f"({', '.join(entry['failures'] or [])}); the export was not "
+                              "shipped (--force keeps it, --no-parity skips the gate)")
+        return manifest
 
 
 def _rewrite_manifest(export_dir: Path, manifest: dict[str, Any], **updates: Any
@@ -330,149 +331,170 @@ def _rewrite_manifest(export_dir: Path, manifest: dict[str, Any], **updates: Any
     return write_manifest(export_dir, "export", data)
 
 
-def _device_candidates(exporter, target: str, device, quant: str | None, adapter_only: bool
-                       ) -> tuple[Any, list[str], list[dict[str, Any]]]:
-    """The profile, the quants to consider (best first) and those left out (with why)."""
-    from .devices.profiles import DeviceProfile, load_profile
-
-    profile = device if isinstance(device, DeviceProfile) else load_profile(device)
-    if target not in profile.runtimes:
-        raise DeviceError(f"{profile.name} has no {target} runtime (it has: "
-                          f"{', '.join(profile.runtimes)}); export with --target "
-                          f"{profile.runtimes[0]}")
-    if quant is not None:
-        q = exporter.check_quant(quant, adapter_only)
-        if q in getattr(exporter, "FROM_ADAPTER_QUANTS", ()):
-            raise ConfigError(f"--device cannot choose or size quant={q} (it is exported from "
-                              "the adapter, not from a merge); export it without --device and "
-                              "check it with 'edgeqlora devices fit'")
-        return profile, [q], []
-    candidates, left_out = [], []
-    for q in DEVICE_CANDIDATES[target]:
-        try:
-            candidates.append(exporter.check_quant(q, adapter_only))
-        except (ConfigError, MissingDependencyError) as exc:
-            left_out.append(_attempt(q, None, "not available", str(exc)))
-    if not candidates:
-        raise MissingDependencyError(f"no {target} quant can be exported here: " + "; ".join(
-            f"{t['quant']}: {t['why']}" for t in left_out))
-    return profile, candidates, left_out
-
-
-def _device_plan(base_dir: Path, target: str, candidates: list[str], profile, context: int,
-                 block_size: int, tried: list[dict[str, Any]], explicit: bool, out_dir: Path
-                 ) -> list[tuple[str, Any]]:
-    """(quant, predicted FitResult) to try, best first; the quants predicted not to fit go
-    into ``tried``. Nothing left -> DeviceError before anything is written.
-
-    Precision decides the order, "fits" and "tight" alike. ``pick_quant`` puts the 15 % margin
-    first because it chooses among exports whose quality nobody measured; here the parity gate
-    measures it, and the tighter choice is said in the reason and the manifest."""
-    from . import merge as M
-    from .artifacts import read_json
-    from .devices.fit import MiB, fit, predict_facts
-
-    config = read_json(base_dir / "config.json", InputError)
-    shapes = {name: shape for _, name, shape, _ in M.tensor_specs(base_dir)}
-
-    def predict(q: str):
-        try:
-            facts = predict_facts(config, shapes, target, q, block_size, path=f"{target} {q}")
-        except DeviceError:
-            return None  # a quant the size model does not know: only the real files are checked
-        return fit(facts, profile, context)
-
-    predicted = {q: predict(q) for q in candidates}
-    fitting = [q for q in candidates if predicted[q] is None
-               or predicted[q].verdict in ("fits", "tight")]
-    for q in candidates:
-        if q not in fitting:
-            r = predicted[q]
-            tried.append(_attempt(q, r, "not exported", f"predicted {r.total_bytes / MiB:.0f} "
-                                  f"MiB > {profile.usable_mb} MiB usable"))
-    where = f"{profile.name} ({profile.usable_mb} MiB usable) at context {context}"
-    if not fitting and explicit:
-        q, r = candidates[0], predicted[candidates[0]]
-        others = {o: predict(o) for o in DEVICE_CANDIDATES.get(target, ()) if o != q}
-        ok = [o for o, ro in others.items() if ro is not None and ro.verdict in ("fits", "tight")]
-        hint = (f"{ok[0]} is predicted to fit ({others[ok[0]].total_bytes / MiB:.0f} MiB); "
-                "drop --quant to let --device choose") if ok else \
-            "no quant is predicted to fit; try a shorter --context or a smaller base model"
-        raise DeviceError(f"--quant {q} does not fit {where}: {r.total_bytes / MiB:.0f} MiB "
-                          f"predicted ({_parts(r)}); {hint}; nothing was written to {out_dir}")
-    if not fitting:
-        q = min(candidates, key=lambda c: predicted[c].total_bytes)
-        r = predicted[q]
-        raise DeviceError(f"no {target} quant fits {where}: the smallest footprint is {q} at "
-                          f"{r.total_bytes / MiB:.0f} MiB predicted ({_parts(r)}); try a shorter "
-                          f"--context, a smaller base model or a bigger device; nothing was "
-                          f"written to {out_dir}")
-    return [(q, predicted[q]) for q in fitting]
-
-
-def _parts(r) -> str:
-    MiB = 2**20
-    return (f"weights {r.weights_bytes / MiB:.0f} MiB + repacked {r.repacked_bytes / MiB:.0f} "
-            f"+ KV cache {r.kv_bytes / MiB:.0f} + runtime {r.runtime_bytes / MiB:.0f}")
-
-
-def _none_passed(target: str, profile, context: int, tried: list[dict[str, Any]],
-                 out_dir: Path) -> None:
-    """Every candidate lost: say why for each one, as a ParityError when quality was the
-    reason for any of them, else as a DeviceError naming the smallest footprint found."""
-    MiB = 2**20
-    listing = "; ".join(f"{t['quant']} {t['outcome']} ({t['why']})" for t in tried)
-    if any(t["outcome"] in ("failed the parity gate", "failed verification") for t in tried):
-        raise ParityError(f"no {target} quant that fits {profile.name} passes the gate: "
-                          f"{listing}; nothing was written to {out_dir} (loosen the parity.* "
-                          "thresholds, or train a better adapter)")
-    sized = [(t.get("total_bytes") or t["predicted_bytes"], t["quant"]) for t in tried
-             if t.get("total_bytes") or t["predicted_bytes"]]
-    smallest = (f"; the smallest footprint found is {min(sized)[1]} at "
-                f"{min(sized)[0] / MiB:.0f} MiB") if sized else ""
-    raise DeviceError(f"no {target} quant fits {profile.name} ({profile.usable_mb} MiB usable) "
-                      f"at context {context}{smallest}: {listing}; nothing was written to "
-                      f"{out_dir}")
-
-
-def _gate(adapter_dir, export_dir: Path, manifest: dict[str, Any], cfg, force: bool,
-          in_place: bool = False, progress: bool = False, reference_model=None
-          ) -> dict[str, Any]:
-    """Run the parity gate on a written export and record its results in the manifest.
-
-    Beyond the thresholds: ParityError (exit 1) and, unless ``force``, the export is not
-    shipped (the caller's atomic write is rolled back; ``in_place`` exports are removed)."""
-    from .parity import run_parity
-
-    report_dir = Path(tempfile.mkdtemp(prefix=".parity-", dir=export_dir.resolve().parent))
-    shutil.rmtree(report_dir)
+def _prepare(out_dir: Path, force: bool) -> None:
     try:
+        prepare_output(out_dir, force=force, what="export")
+    except OSError as exc:  # e.g. a parent path that is a file, or a read-only mount
+        raise InputError(f"cannot write export {out_dir}: {exc.strerror or exc}") from None
+
+
+def _scratch(out_dir: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.work-",
+                                     dir=out_dir.resolve().parent))
+    except OSError as exc:
+        raise InputError(f"cannot write export {out_dir}: {exc.strerror}") from None
+
+
+def _os_error(exc: OSError, out_dir: Path) -> EdgeQloraError:
+    if exc.errno == errno.ENOSPC:
+        return ExportError(f"disk full while exporting to {out_dir}; free space and run the "
+                           "export again (nothing was kept)")
+    return ExportError(f"cannot write export {out_dir}: {exc.strerror or exc}")
+
+
+def _say(enabled: bool, message: str) -> None:
+    log.info(message)
+    if enabled:
+        print(message, file=sys.stderr)
+
+
+def _lora_arrays(adapter) -> dict[str, tuple[Any, Any, float]]:
+    """The adapter's deltas as plain arrays, the form the exporters take."""
+    return {k: (d.A.float().numpy(), d.B.float().numpy(), d.scale)
+            for k, d in adapter.deltas.items()}
+
+
+def _check_from_adapter(adapter, quant: str) -> list[str]:
+    """Refusals for a quant made from the trained adapter itself (ONNX nf4-exact)."""
+    from .merge import is_quantized_weight
+
+    require("bitsandbytes", "train", f"{quant} export (the NF4 codes come from bitsandbytes)")
+    outside = [k for k, d in adapter.deltas.items()
+               if d.embedding or not is_quantized_weight(k, [1, 1])]
+    if outside:
+        raise ConfigError(f"{quant} keeps LoRA unmerged on the 4-bit linear layers only; "
+                          f"{adapter.dir} also adapts {', '.join(outside[:3])}: use --quant "
+                          "int8 or fp16 (merged) for this adapter")
+    return list(adapter.deltas)
+
+
+def _from_adapter_inputs(M, adapter, scratch: Path, options: dict[str, Any]):
+    """The unmerged original base, the LoRA deltas and the 4-bit layout of the trained model:
+    what an exporter needs to write the trained model as trained."""
+    base = scratch / "base"
+    base.mkdir()
+    M.write_merged(adapter, base, "original", "float32", with_lora=False)
+    quantized = [name for _, name, shape, _ in M.tensor_specs(adapter.base_dir)
+                 if M.is_quantized_weight(name, shape)]
+    options.update(base_quant=dict(adapter.quant), quantized=quantized)
+    return base, _lora_arrays(adapter), None
+
+
+def _calibration_requests(exporter, quants: list[str], options: dict[str, Any],
+                          manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each quant's calibration request with ``auto`` resolved to the adapter's training data;
+    a spec that names nothing here fails now, before the merge."""
+    from .rows import check_spec
+
+    out = {}
+    for q in quants:
+        req = exporter.calibration_request(q, options)
+        if req is None:
+            continue
+        req = dict(req)
+        if req["spec"] in (None, "", "auto"):
+            spec = training_data_spec(manifest)
+            if not spec:
+                raise InputError(f"{req['what']}: 'auto' means the adapter's training data, and "
+                                 "there is none recorded here; pass a data spec (a .jsonl file "
+                                 "or embedded:iot)")
+            req["spec"], req["source"] = spec, "auto (the adapter's training data)"
         try:
-            report = run_parity(adapter_dir, [export_dir], report_dir, cfg, force=True,
-                                max_new_tokens=cfg.max_new_tokens if cfg else 64,
-                                progress=progress, reference_model=reference_model)
-        except ParityError:
-            import json
-
-            report = json.loads((report_dir / "parity.json").read_text())
-        name = next(iter(report.get("candidates", {})), None)
-        entry = {"passed": report.get("passed"), "thresholds": report.get("thresholds"),
-                 "failures": report.get("failures", {}).get(name),
-                 "metrics": report.get("candidates", {}).get(name),
-                 "reference": report.get("reference")}
-        manifest = _rewrite_manifest(export_dir, manifest, parity=entry)
-    finally:
-        shutil.rmtree(report_dir, ignore_errors=True)
-    if not entry["passed"] and not force:
-        if in_place:
-            shutil.rmtree(export_dir, ignore_errors=True)
-        raise ParityError(f"parity gate failed against the trained model "
-                          f"({', '.join(entry['failures'] or [])}); the export was not shipped "
-                          "(--force keeps it, --no-parity skips the gate)")
-    return manifest
+            check_spec(req["spec"])
+        except (InputError, DataError) as exc:
+            raise type(exc)(f"{req['what']}: {exc}") from None
+        out[q] = req
+    return out
 
 
-def _prompt_text(tokenizer, messages: list[dict]) -> str:
-    """A held-out conversation as the device will see it: the chat template up to the answer."""
-    prompt = [m for m in messages if m.get("role") != "assistant"]
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+class _Calibrations:
+    """Calibration rows made once per distinct request, with the checkpoint's tokenizer."""
+
+    def __init__(self, requests: dict[str, dict[str, Any]], model_dir: Path):
+        self.requests, self.model_dir, self._made = requests, model_dir, {}
+
+    def get(self, quant: str):
+        from .heldout import calibration_sequences
+
+        req = self.requests.get(quant)
+        if req is None:
+            return None
+        key = (req["spec"], req["rows"], req["max_len"])
+        if key not in self._made:
+            seqs, record = calibration_sequences(_tokenizer(self.model_dir), req["spec"],
+                                                 req["rows"], req["max_len"], req["what"])
+            if req.get("source"):
+                record["source"] = req["source"]
+            self._made[key] = (seqs, record)
+        return self._made[key]
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _text_ids(tok):
+    return lambda text, special: list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def _merged_reference(merged: Path, manifest: dict[str, Any], eval_tokens: int,
+                      n_texts: int = 16, known: list | None = None) -> VerifySet:
+    """Held-out sequences and the merged checkpoint's fp32 logits on them: ``known`` (the
+    merge-base measurement already ran the merged model on the same sequences), else from the
+    model, loaded when an exporter first asks for logits and then kept for every quant tried."""
+    import torch
+
+    tok = _tokenizer(merged)
+    seqs = heldout_sequences(manifest, tok, eval_tokens)
+    holder: dict[str, Any] = {}
+
+    def logits(ids: list[int]):
+        from transformers import AutoModelForCausalLM
+
+        if "model" not in holder:
+            holder["model"] = AutoModelForCausalLM.from_pretrained(
+                merged, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return holder["model"](torch.tensor([ids])).logits[0].numpy()
+
+    ref = VerifySet(seqs, logits, verification_texts(manifest, tok, n_texts), _text_ids(tok),
+                    label="merged model")
+    if known is not None and len(known) == len(seqs):
+        ref.preload(known)
+    return ref
+
+
+def _trained_reference(adapter, model_dir: Path, eval_tokens: int) -> VerifySet:
+    """Held-out sequences and the trained model's logits (4-bit base + LoRA, as trained)."""
+    import torch
+
+    from .qlora import dequantized_weights, load_trained
+
+    tok = _tokenizer(model_dir)
+    seqs = heldout_sequences(adapter.manifest, tok, eval_tokens)
+    holder: dict[str, Any] = {}
+
+    def logits(ids: list[int]):
+        if "model" not in holder:
+            holder["model"] = load_trained(adapter.dir, device="cpu")
+            # Dequantized once for every sequence (same outputs as bitsandbytes' CPU path).
+            holder["cache"] = dequantized_weights(holder["model"])
+            holder["cache"].__enter__()
+        with torch.no_grad():
+            return holder["model"](torch.tensor([ids])).logits[0].float().numpy()
+
+    return VerifySet(seqs, logits, verification_texts(adapter.manifest, tok, 0),
+                     _text_ids(tok), label="trained model (NF4 + LoRA)")

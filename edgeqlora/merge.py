@@ -53,10 +53,6 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lor
                        r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.weight)?$")
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading the adapter
-
-
 @dataclass
 class LoraDelta:
     """One adapted module: ``delta = scale * B @ A`` added to ``<module>.weight``."""
@@ -173,10 +169,6 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     return Adapter(adapter_dir, manifest, cfg, deltas, Path(path), fp)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading the base, one tensor at a time
-
-
 def base_weight_files(base_dir: Path) -> list[Path]:
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -221,7 +213,7 @@ def iter_base_tensors(base_dir: Path) -> Iterator[tuple[str, Any]]:
                 names = list(f.keys())
             for name in names:
                 # Reopened per tensor: pages read through a mapping kept open stay resident, so
-                # RSS would grow to the model size (see exporters/gguf.py).
+                # RSS would grow to the model size (see exporters/gguf/writer.py).
                 with safe_open(str(path), framework="pt") as f:
                     tensor = f.get_tensor(name)
                 yield name, tensor
@@ -252,10 +244,6 @@ def nf4_roundtrip(weight, quant: dict[str, Any]):
                                   compress_statistics=bool(quant.get("double_quant", True)),
                                   quant_type=quant.get("quant", "nf4"))
     return bnbf.dequantize_4bit(q, state).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing safetensors tensor by tensor
 
 
 class _SafetensorsStreamWriter:
@@ -301,10 +289,6 @@ class _SafetensorsStreamWriter:
     def close(self) -> None:
         self.fh.close()
         assert self.next == len(self.order), "not every tensor was written"
-
-
-# ---------------------------------------------------------------------------------------------
-# The merge
 
 
 @dataclass
@@ -454,86 +438,59 @@ def _merge_into(adapter: Adapter, out: Path, merge_base: str, dtype: str, eval_t
             d.mkdir()
             result.merged_modules = write_merged(adapter, d, base, dtype, progress=progress)
             cands[base] = d
-        scores = measure_against_trained(adapter.dir, cands, eval_tokens)
+        scores = measure_against_trained(adapter.dir, cands, eval_tokens, keep_logits=True)
         for base, s in scores.items():
             result.kld[base] = s["kld"]
             result.top1[base] = s["top1"]
             result.eval_tokens = s["tokens"]
         best = min(scores, key=lambda b: scores[b]["kld"])
         result.merge_base = best
+        # Not a field (not in the record): the merged model's logits on the held-out set.
+        result.logits = scores[best]["logits"]
         for p in cands[best].iterdir():
             shutil.move(str(p), out / p.name)
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Measuring against the trained model
-
-
-def heldout_conversations(manifest: dict[str, Any], n: int = 64) -> list[list[dict]]:
-    """Held-out chat conversations for the data the adapter was trained on, chosen as the
-    trainer chooses its eval rows: the config's ``eval_data``, else the embedded task's held-out
-    split (``embedded:iot:eval``) for embedded data, else the embedded held-out split as generic
-    text (any text the model was not trained on measures agreement)."""
-    from .data import load_dataset
-
-    config = manifest.get("config") or {}
-    data_spec = str((manifest.get("data") or {}).get("spec") or config.get("data") or "")
-    spec = config.get("eval_data") or ("embedded:iot:eval" if data_spec.startswith("embedded:")
-                                       or not data_spec else "")
-    rows = [r for r in load_dataset(spec or "embedded:iot:eval").rows if r.get("messages")]
-    return [r["messages"] for r in rows[:n]]
-
-
-def heldout_sequences(manifest: dict[str, Any], tokenizer, n_tokens: int = 2048,
-                      max_len: int = 256) -> list[list[int]]:
-    """Token id sequences (one per held-out conversation, chat template applied as in training)
-    totalling about ``n_tokens``."""
-    seqs, total = [], 0
-    for messages in heldout_conversations(manifest, n=max(8, n_tokens // 32)):
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        ids = ids[:max_len]
-        if len(ids) < 2:
-            continue
-        seqs.append(ids)
-        total += len(ids)
-        if total >= n_tokens:
-            break
-    if not seqs:
-        raise InputError("no held-out text to measure with (the held-out split is empty)")
-    return seqs
-
-
 def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
-                            eval_tokens: int) -> dict[str, dict[str, float]]:
-    """Top-1 agreement and mean KL(trained || candidate) of each merged candidate directory.
+                            eval_tokens: int, keep_logits: bool = False
+                            ) -> dict[str, dict[str, Any]]:
+    """Top-1 agreement and mean KL(trained || candidate) of each merged candidate directory
+    (``metrics``: float64), over the distinct contexts of the held-out sequences.
 
-    Candidates are loaded one at a time beside the (4-bit, small) trained model, and compared
-    one sequence at a time: memory stays at one candidate plus one sequence's logits."""
+    The trained model's logits are computed once (at the distinct positions only) and kept;
+    candidates are loaded one at a time. With ``keep_logits`` each score also holds the
+    candidate's full logits per sequence (``"logits"``), which the export stage reuses as the
+    merged model's reference instead of running it again."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .parity import distinct_positions
-    from .qlora import load_trained, logit_agreement
+    from .heldout import heldout_sequences
+    from .metrics import Agreement, distinct_positions
+    from .qlora import dequantized_weights, load_trained
 
     trained = load_trained(adapter_dir, device="cpu")
     manifest = read_manifest(adapter_dir, kind="adapter")
     tok = AutoTokenizer.from_pretrained(next(iter(candidates.values())))
     seqs = heldout_sequences(manifest, tok, eval_tokens)
-    keeps = [torch.from_numpy(k) for k in distinct_positions(seqs)]  # shared prompt once
-    scores = {}
+    keeps = distinct_positions(seqs)  # a shared prompt counts once
+    # Dequantized once, not at every forward (bitsandbytes' CPU path; same outputs, tested).
+    with torch.no_grad(), dequantized_weights(trained):
+        ref = [trained(torch.tensor([ids])).logits[0].float().numpy()[keep]
+               for ids, keep in zip(seqs, keeps)]
+    del trained
+    scores: dict[str, dict[str, Any]] = {}
     for name, path in candidates.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        top1 = kld = 0.0
-        tokens = 0
+        acc, kept = Agreement(), []
         with torch.no_grad():
-            for ids, keep in zip(seqs, keeps):
-                x = torch.tensor([ids])
-                s = logit_agreement(trained(x).logits[0][keep], model(x).logits[0][keep])
-                top1 += s["top1"] * s["tokens"]
-                kld += s["kld"] * s["tokens"]
-                tokens += s["tokens"]
-        scores[name] = {"top1": top1 / tokens, "kld": kld / tokens, "tokens": tokens}
+            for ids, keep, r in zip(seqs, keeps, ref):
+                cand = model(torch.tensor([ids])).logits[0].numpy()
+                acc.add(r, cand[keep])
+                if keep_logits:
+                    kept.append(cand)
+        scores[name] = acc.result()
+        if keep_logits:
+            scores[name]["logits"] = kept
         del model
     return scores

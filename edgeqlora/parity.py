@@ -17,9 +17,8 @@ reference's. The gate fails a candidate whose mean KLD, top-1 or perplexity rati
 config's ``parity`` thresholds, or whose runtime builds different prompt tokens than the trained
 model's tokenizer.
 
-The metric functions (``log_softmax``, ``kl_divergence``, ``top1_agreement``, ``nll``,
-``perplexity``) are pure numpy, computed in float64; ``tests/test_parity.py`` checks them
-against torch.
+The metric functions are ``edgeqlora.metrics`` (pure numpy, float64; ``tests/test_parity.py``
+checks them against torch).
 """
 
 from __future__ import annotations
@@ -35,100 +34,12 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .errors import InputError, ParityError
+from .metrics import distinct_positions, kl_divergence, nll, summarize
 
 ENGLISH_TEXT = Path(__file__).with_name("assets") / "english.txt"
 # Text chunks stay short enough for any candidate context and for a cheap reference forward.
 TEXT_CHUNK = 512
 TASK_MAX_LEN = 256
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics: pure functions on [n, vocab] logits
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis, in float64 (float32 loses the small probabilities that
-    dominate a KL divergence's tail)."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def _pair(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ref, cand = np.atleast_2d(ref), np.atleast_2d(cand)
-    if ref.shape != cand.shape:
-        raise InputError(f"reference logits {ref.shape} and candidate logits {cand.shape} "
-                         "differ in shape (different vocabulary or sequence?)")
-    return ref, cand
-
-
-def kl_divergence(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
-    """KL(P_ref || P_cand) of the next-token distributions at each position: ``[n]``."""
-    ref, cand = _pair(ref_logits, cand_logits)
-    lp_ref, lp_cand = log_softmax(ref), log_softmax(cand)
-    kld = (np.exp(lp_ref) * (lp_ref - lp_cand)).sum(axis=-1)
-    return np.maximum(kld, 0.0)  # rounding can give -1e-17 for identical rows
-
-
-def top1_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
-    """Share of positions where both pick the same most likely next token."""
-    ref, cand = _pair(ref_logits, cand_logits)
-    return float((ref.argmax(axis=-1) == cand.argmax(axis=-1)).mean())
-
-
-def distinct_positions(sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """For each sequence, a boolean mask of the positions whose context (the tokens up to and
-    including that position) no earlier position of any sequence had.
-
-    A position's next-token prediction depends only on its context, so a context seen before is
-    the same measurement again: held-out chat examples that share a system prompt would
-    otherwise count every prompt position once per example (28 of the embedded task's ~72
-    tokens), and one near-tie flipped inside the prompt would move top-1 agreement by a whole
-    position per example. Metrics are taken over distinct contexts only. (A token trie: no
-    library offers this.)"""
-    root: dict = {}
-    masks = []
-    for ids in sequences:
-        node, keep = root, np.zeros(len(ids), dtype=bool)
-        for t, tok in enumerate(ids):
-            child = node.get(tok)
-            if child is None:
-                child = node[tok] = {}
-                keep[t] = True
-            node = child
-        masks.append(keep)
-    return masks
-
-
-def nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
-    """Negative log-likelihood of ``targets[i]`` under ``logits[i]``: ``[n]``."""
-    lp = log_softmax(np.atleast_2d(logits))
-    t = np.asarray(targets, dtype=np.int64)
-    if t.shape != (lp.shape[0],):
-        raise InputError(f"{t.shape[0] if t.ndim else 0} targets for {lp.shape[0]} positions")
-    return -lp[np.arange(len(t)), t]
-
-
-def perplexity(logits: np.ndarray, targets: Sequence[int]) -> float:
-    """exp(mean NLL) of ``targets`` given ``logits`` (row i predicts targets[i])."""
-    return float(np.exp(nll(logits, targets).mean()))
-
-
-def summarize(kld: np.ndarray, top1: np.ndarray, ref_nll: np.ndarray,
-              cand_nll: np.ndarray) -> dict[str, float]:
-    """One set's per-position measurements -> the numbers the report shows."""
-    if len(kld) == 0:
-        return {"tokens": 0}
-    ref_ppl = float(np.exp(ref_nll.mean())) if len(ref_nll) else float("nan")
-    cand_ppl = float(np.exp(cand_nll.mean())) if len(cand_nll) else float("nan")
-    return {"tokens": int(len(kld)), "mean_kld": float(kld.mean()),
-            "p99_kld": float(np.percentile(kld, 99)), "max_kld": float(kld.max()),
-            "top1": float(top1.mean()), "ref_ppl": ref_ppl, "ppl": cand_ppl,
-            "ppl_ratio": cand_ppl / ref_ppl}
-
-
-# ---------------------------------------------------------------------------------------------
-# What the gate compares
 
 
 class Reference(Protocol):
@@ -210,7 +121,7 @@ class TaskSet:
 def task_set(manifest: Mapping[str, Any], n: int) -> TaskSet:
     """The held-out rows the adapter's manifest points to (the trainer's eval data, or the
     embedded IoT task's held-out split), as the export stage picks them."""
-    from .merge import heldout_conversations
+    from .heldout import heldout_conversations
     from .tasks import iot
 
     convs = [c for c in heldout_conversations(dict(manifest), n)
@@ -242,10 +153,6 @@ def exact_match(outputs: list[str], task: TaskSet) -> float:
 
         return float(iot.score(outputs, task.targets)["exact_match"])
     return float(np.mean([o.strip() == a.strip() for o, a in zip(outputs, task.answers)]))
-
-
-# ---------------------------------------------------------------------------------------------
-# The comparison
 
 
 @dataclass
@@ -363,10 +270,6 @@ def gate(report: Mapping[str, Any], thresholds: Mapping[str, float]) -> dict[str
                             "tokenizer changed in the export)")
         failures[name] = problems
     return failures
-
-
-# ---------------------------------------------------------------------------------------------
-# Reports
 
 
 def _fmt(x: Any, digits: int = 4) -> str:

@@ -238,10 +238,6 @@ def quant_info(model, quant: str, double_quant: bool) -> dict[str, Any]:
     return info
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA
-
-
 def linear_layer_names(model) -> list[str]:
     """Distinct leaf names of the model's linear layers (plain, 4-bit or 8-bit), output head
     excluded: the names LoRA can target."""
@@ -308,10 +304,6 @@ def lora_info(peft_model, lora_cfg) -> dict[str, Any]:
             "dora": lora_cfg.dora}
 
 
-# ---------------------------------------------------------------------------------------------
-# The trained model, reloaded
-
-
 def load_trained(adapter_dir, device=None):
     """The trained model exactly as trained: the quantized base named in ``adapter_dir``'s
     manifest (checked by weight hash) + the PEFT adapter, in eval mode, safe for forward passes
@@ -356,10 +348,6 @@ def _trained_dtype(recorded: str, device) -> str:
     return "auto"
 
 
-# ---------------------------------------------------------------------------------------------
-# What quantization costs
-
-
 def logit_agreement(ref_logits, cand_logits) -> dict[str, float]:
     """Top-1 agreement and mean KL(ref || cand) of next-token distributions, over all positions
     of two ``[..., vocab]`` logit tensors (computed in fp32)."""
@@ -394,10 +382,6 @@ def quantization_loss(model_fp, model_q, token_ids) -> dict[str, float]:
     model_fp.train(was[0])
     model_q.train(was[1])
     return logit_agreement(ref, cand.to(ref.device))
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss
 
 
 # Architectures whose causal-LM head is exactly ``lm_head(decoder(x))`` (no logit soft-capping or

@@ -213,12 +213,15 @@ class GGUFRuntime(Runtime):
 
     # -- tokens --------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, special: bool = True) -> list[int]:
+    def tokenize(self, text: str, special: bool = True, add_bos: bool = False) -> list[int]:
+        """``add_bos=True``: add what the GGUF's vocabulary says to add (its BOS, if
+        ``tokenizer.ggml.add_bos_token``), as HF's ``add_special_tokens=True`` does; the
+        export's tokenization check compares the two."""
         if not isinstance(text, str):
             raise InputError(f"tokenize() takes a string, got {type(text).__name__}")
-        if not text:
+        if not text and not add_bos:
             return []
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         ids = [int(t) for t in ids]

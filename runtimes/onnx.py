@@ -1,7 +1,7 @@
 """ONNX runtime on plain onnxruntime: the KV-cache decode loop in numpy, tokenizer from
 ``tokenizer.json`` (the ``tokenizers`` library), chat template via ``chat_template.ChatTemplate``.
 
-Reads an export written by ``exporters/onnx.py``: ``model.onnx`` whose inputs are
+Reads an export written by ``exporters/onnx/``: ``model.onnx`` whose inputs are
 ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key/value`` and whose
 outputs are ``logits`` and ``present.{i}.key/value``; the layer count, KV heads and head size come
 from ``genai_config.json`` (the same file onnxruntime-genai reads). No torch, no transformers.

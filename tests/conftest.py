@@ -1,5 +1,10 @@
 """Shared fixtures: tiny random Llama-family models built from a config, with the embedded
-model's real tokenizer. Nothing is downloaded; seeds are fixed."""
+model's real tokenizer. Nothing is downloaded; seeds are fixed.
+
+The tokenizer files are committed under ``tests/assets/smollm2-tokenizer`` (``tokenizer_dir``),
+exactly as the embedded conversion writes them (``tests/test_assets.py`` keeps them so), so that
+tests of tiny models never convert the embedded model. ``embedded_dir`` converts it (once per
+``EDGEQLORA_HOME``), for the tests of its real weights, which are marked ``slow``."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
+# What the embedded conversion writes of those (no special_tokens_map.json: tokenizer_config.json
+# holds the special tokens), copied from it; tests/test_assets.py checks they still match.
+TOKENIZER_ASSETS = Path(__file__).resolve().parent / "assets" / "smollm2-tokenizer"
 
 
 def has_module(name: str) -> bool:
@@ -25,7 +33,13 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the marks added here must count
 def pytest_collection_modifyitems(config, items):
+    # A test that needs the real embedded model (its ~1-minute conversion) is slow by
+    # definition, so `make test-fast` never converts it; tiny-model tests use tests/assets.
+    for item in items:
+        if "embedded_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
     try:
         import torch
 
@@ -40,18 +54,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct's tokenizer files (no weights), committed with the
+    tests. Read it, never write into it."""
+    return TOKENIZER_ASSETS
+
+
+@pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a Hugging Face checkpoint (converted once, cached)."""
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face checkpoint (converted once, cached):
+    only for tests of its weights, which are marked slow; the tokenizer is ``tokenizer_dir``."""
     from edgeqlora.base import resolve_base
 
     return resolve_base("embedded")
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_dir):
+def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def build_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0,
@@ -80,5 +102,5 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: 
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)

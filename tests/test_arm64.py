@@ -9,6 +9,7 @@ arithmetic, the fake /proc/cpuinfo) need no emulator and always run.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,11 +32,11 @@ def _harness():
 A = _harness()
 
 
-# -- the harness, no emulator needed ----------------------------------------------------------
+# The harness, no emulator needed.
 
 
 def test_missing_tool_names_the_apt_command(monkeypatch):
-    monkeypatch.setattr(A.shutil, "which", lambda name: None if "qemu" in name else "/bin/true")
+    monkeypatch.setattr(shutil, "which", lambda name: None if "qemu" in name else "/bin/true")
     with pytest.raises(A.Arm64Error, match=r"qemu-aarch64-static.*apt-get install -y "
                                            r"qemu-user-static"):
         A.check_tools()
@@ -81,28 +82,28 @@ def test_cpuinfo_replaces_the_proc_link(tmp_path):
     A.write_cpuinfo(rootfs)
     text = (rootfs / "proc" / "cpuinfo").read_text()
     assert not (rootfs / "proc").is_symlink()
-    assert text.count("CPU part\t: 0xd0b") == A._host_cpus() >= 1
+    assert text.count("CPU part\t: 0xd0b") == A.host_cpus() >= 1
     assert "asimddp" in text
 
 
-# -- end to end under qemu --------------------------------------------------------------------
+# End to end under qemu.
 
 
 # Decided at collection, so that a machine without the environment skips before any fixture
-# (the embedded model, the tiny exports) is built.
+# (the tiny exports) is built.
 ENV = A.Env()
 NOT_READY = ENV.ready()
 
 
 @pytest.fixture(scope="module")
-def tiny_exports(tmp_path_factory, embedded_dir):
+def tiny_exports(tmp_path_factory, tokenizer_dir):
     """A tiny random Llama with the real tokenizer, exported to GGUF q8_0 and ONNX int4."""
     from lora_fixtures import make_adapter
 
     from edgeqlora.export import export_adapter
 
     root = tmp_path_factory.mktemp("arm64")
-    base = build_tiny_model(root / "base", embedded_dir)
+    base = build_tiny_model(root / "base", tokenizer_dir)
     adapter = make_adapter(root / "adapter", base)
     gguf, onnx = root / "gguf-q8_0", root / "onnx-int4"
     export_adapter(adapter, gguf, target="gguf", quant="q8_0", merge_base="original",

@@ -65,3 +65,44 @@ def test_bench_unknown_name_lists_available(capsys):
     assert main(["bench", "no-such-bench"]) == 2
     err = capsys.readouterr().err
     assert "no-such-bench" in err and "runtime" in err
+
+
+def test_every_command_module_is_in_the_table():
+    from pathlib import Path
+
+    import edgeqlora.commands
+    from edgeqlora.cli import COMMANDS
+
+    folder = Path(edgeqlora.commands.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")}
+    assert modules == set(COMMANDS)
+    assert all(COMMANDS[name] == f"edgeqlora.commands.{name}" for name in modules)
+
+
+def test_a_command_imports_only_its_own_module():
+    code = (
+        "import sys\nfrom edgeqlora.cli import main\n"
+        "try:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('edgeqlora.commands.'))\n"
+        "assert loaded == ['edgeqlora.commands._common', 'edgeqlora.commands.run'], loaded\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bundle_without_action_means_create():
+    from edgeqlora.commands.bundle import normalize_argv
+
+    assert normalize_argv(["exp", "--device", "pi4"]) == ["create", "exp", "--device", "pi4"]
+    assert normalize_argv(["--device", "pi4", "exp"])[0] == "create"
+    assert normalize_argv(["verify", "f.tar.gz"]) == ["verify", "f.tar.gz"]
+    assert normalize_argv(["--help"]) == ["--help"]
+    assert normalize_argv([]) == []
+
+
+def test_bundle_missing_device_is_one_line(capsys, tmp_path):
+    assert main(["bundle", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device NAME and --out" in err

@@ -13,6 +13,7 @@ import pytest
 
 from edgeqlora.artifacts import write_manifest
 from edgeqlora.cli import main
+from edgeqlora.runtimes.gguf_header import read_gguf_header
 from edgeqlora.devices import fit as F
 from edgeqlora.devices.profiles import (DeviceProfile, builtin_names, host_profile,
                                         load_profile, load_profiles, parse_profile)
@@ -155,7 +156,7 @@ def test_model_facts_from_the_embedded_gguf(facts, gguf_path):
 def test_header_reader_agrees_with_gguf_reader(gguf_path):
     # read_gguf_header is hand-written for speed; gguf.GGUFReader is the reference (~10 s).
     gguf = pytest.importorskip("gguf")
-    kv, tensors = F.read_gguf_header(gguf_path)
+    kv, tensors = read_gguf_header(gguf_path)
     ref = gguf.GGUFReader(str(gguf_path))
     assert [(t.name, t.type, t.n_elements, t.n_bytes) for t in tensors] == [
         (t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in ref.tensors]

@@ -28,9 +28,9 @@ LOOSE = ["export.eval_tokens=64", "parity.eval_examples=2", "parity.text_tokens=
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, embedded_dir):
+def tiny(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("device")
-    base = build_tiny_model(root / "base", embedded_dir, hidden=256, intermediate=512,
+    base = build_tiny_model(root / "base", tokenizer_dir, hidden=256, intermediate=512,
                             tie=False)
     return {"root": root, "base": base, "adapter": make_adapter(root / "adapter", base)}
 
@@ -40,7 +40,7 @@ def predicted(tiny):
     """Predicted resident bytes of each GGUF candidate on a 4 GB board at context 2048."""
     from edgeqlora.devices.fit import fit, predict_facts
     from edgeqlora.devices.profiles import parse_profile
-    from edgeqlora.export import DEVICE_CANDIDATES
+    from edgeqlora.export_device import DEVICE_CANDIDATES
     from edgeqlora.merge import tensor_specs
 
     cfg = json.loads((tiny["base"] / "config.json").read_text())
@@ -109,13 +109,11 @@ def _gate_failing(quants: dict[str, str], real: bool = False):
     monotonic in precision), so the fall-back path is driven this way."""
     import edgeqlora.export as E
 
-    real_gate = E._gate
+    real_gate = E._Gate.run
 
-    def gate(adapter_dir, export_dir, manifest, cfg, force, in_place=False, progress=False,
-             reference_model=None):
+    def gate(self, export_dir, manifest, force):
         if real and manifest["quant"] not in quants:
-            return real_gate(adapter_dir, export_dir, manifest, cfg, force, in_place,
-                             progress, reference_model)
+            return real_gate(self, export_dir, manifest, force)
         failures = [quants[manifest["quant"]]] if manifest["quant"] in quants else []
         return E._rewrite_manifest(export_dir, manifest, parity={
             "passed": not failures, "failures": failures, "metrics": {}, "thresholds": {}})
@@ -130,7 +128,7 @@ def test_picks_the_best_quant_that_fits_and_passes_the_gate(tiny, predicted, tmp
     import edgeqlora.export as E
     from edgeqlora.cli import main
 
-    monkeypatch.setattr(E, "_gate", _gate_failing({"q6_k": "mean KLD 0.9 > max_kld 0.5"},
+    monkeypatch.setattr(E._Gate, "run", _gate_failing({"q6_k": "mean KLD 0.9 > max_kld 0.5"},
                                                   real=True))
     usable = int((predicted["q8_0"] + predicted["q6_k"]) / 2 / MiB)
     board = _board(tmp_path, usable)
@@ -218,6 +216,7 @@ def test_no_quant_passing_says_why_for_each(tiny, predicted, tmp_path, monkeypat
 
     import edgeqlora.devices.fit as F
     import edgeqlora.export as E
+    import edgeqlora.export_device as D
     from edgeqlora.cli import main
 
     real_predict = F.predict_facts
@@ -228,8 +227,8 @@ def test_no_quant_passing_says_why_for_each(tiny, predicted, tmp_path, monkeypat
             if quant == "q8_0" else facts
 
     monkeypatch.setattr(F, "predict_facts", optimistic)
-    monkeypatch.setattr(E, "DEVICE_CANDIDATES", {"gguf": ("q8_0", "q4_0")})
-    monkeypatch.setattr(E, "_gate", _gate_failing({"q4_0": "mean KLD 0.9 > max_kld 0.5"}))
+    monkeypatch.setattr(D, "DEVICE_CANDIDATES", {"gguf": ("q8_0", "q4_0")})
+    monkeypatch.setattr(E._Gate, "run", _gate_failing({"q4_0": "mean KLD 0.9 > max_kld 0.5"}))
     assert predicted["q4_0"] < predicted["q8_0"] - 2 * MiB
     usable = int((predicted["q8_0"] + predicted["q4_0"]) / 2 / MiB)
     out = tmp_path / "out"

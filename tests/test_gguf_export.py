@@ -13,15 +13,16 @@ import pytest
 
 from conftest import build_tiny_model, has_module
 from lora_fixtures import make_adapter
+from verify_fixtures import verify_set
 
 needs_llama_cpp = pytest.mark.skipif(not has_module("llama_cpp"),
                                      reason="needs llama-cpp-python")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, embedded_dir):
+def tiny(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("gguf")
-    base = build_tiny_model(root / "base", embedded_dir)
+    base = build_tiny_model(root / "base", tokenizer_dir)
     return {"root": root, "base": base, "adapter": make_adapter(root / "adapter", base)}
 
 
@@ -48,7 +49,14 @@ def _fields(path: Path) -> dict:
     return {k: f.contents() for k, f in reader.fields.items()}, reader
 
 
-# --- the written file ------------------------------------------------------------------------
+def _runtime_logits(path: Path, seqs: list[list[int]], lora: Path | None = None):
+    """llama.cpp logits ``[tokens, vocab]`` of every sequence through the GGUF runtime."""
+    import numpy as np
+
+    from edgeqlora.runtimes.gguf import GGUFRuntime
+
+    with GGUFRuntime(path, n_ctx=max(len(s) for s in seqs) + 8, lora_path=lora) as rt:
+        return np.concatenate([rt.logits(ids) for ids in seqs])
 
 
 @needs_llama_cpp
@@ -94,7 +102,7 @@ def test_gguf_metadata_and_vocab(f16_export, tiny):
 
 
 @pytest.mark.parametrize("adds_bos", [False, True])
-def test_vocab_read_without_transformers_matches_transformers(embedded_dir, tmp_path, adds_bos,
+def test_vocab_read_without_transformers_matches_transformers(tokenizer_dir, tmp_path, adds_bos,
                                                               monkeypatch):
     """The exporter reads tokenizer.json with ``tokenizers`` alone (no transformers import);
     everything it takes from it equals what transformers' tokenizer says, also for a tokenizer
@@ -103,13 +111,13 @@ def test_vocab_read_without_transformers_matches_transformers(embedded_dir, tmp_
     from transformers import AutoTokenizer
 
     from edgeqlora.errors import InputError
-    from edgeqlora.exporters import gguf as G
-    from edgeqlora.exporters.gguf_pretokenizers import CHKTXT
+    from edgeqlora.exporters.gguf import metadata as M
+    from edgeqlora.exporters.gguf.pretokenizers import CHKTXT
 
     src = tmp_path / "tok"
     src.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(embedded_dir / name, src / name)
+        shutil.copy(tokenizer_dir / name, src / name)
     if adds_bos:
         tj = json.loads((src / "tokenizer.json").read_text())
         bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
@@ -123,13 +131,13 @@ def test_vocab_read_without_transformers_matches_transformers(embedded_dir, tmp_
         tc.update(bos_token="<|im_start|>", add_bos_token=True)
         (src / "tokenizer_config.json").write_text(json.dumps(tc))
     hf = AutoTokenizer.from_pretrained(src)
-    tok = G.load_tokenizer(src)
+    tok = M.load_tokenizer(src)
     tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
     assert tok.encode(CHKTXT).ids == hf.encode(CHKTXT)  # the pre-tokenizer probe
-    assert G._adds_bos(tok, tok_cfg) is adds_bos
+    assert M.adds_bos(tok, tok_cfg) is adds_bos
     assert (hf("a")["input_ids"][0] == hf.bos_token_id) is adds_bos
-    assert G._adds_eos(tok, tok_cfg) is False
-    tokens, types = G.vocab_entries(tok, 49152)
+    assert M.adds_eos(tok, tok_cfg) is False
+    tokens, types = M.vocab_entries(tok, 49152)
     vocab = hf.get_vocab()
     assert tokens == sorted(vocab, key=vocab.get)
     control = {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL}
@@ -138,11 +146,61 @@ def test_vocab_read_without_transformers_matches_transformers(embedded_dir, tmp_
     if adds_bos:
         # The BOS changes the probe's ids, so llama.cpp's table rightly knows no such tokenizer.
         with pytest.raises(InputError, match="pre-tokenizer is not one llama.cpp knows"):
-            G.add_vocab(w, src, 49152)
-        monkeypatch.setattr(G, "pre_tokenizer_name", lambda tok: "smollm")
-    info = G.add_vocab(w, src, 49152)
+            M.add_vocab(w, src, 49152)
+        monkeypatch.setattr(M, "pre_tokenizer_name", lambda tok: "smollm")
+    info = M.add_vocab(w, src, 49152)
     assert info["add_bos_token"] is adds_bos and info["chat_template"]
     assert info["special_token_ids"]["eos"] == hf.eos_token_id
+
+
+def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
+    """read_back uses the fast header reader; gguf.GGUFReader is the reference for the tensor
+    table (names, types, ggml shapes, where the data lies). A truncated file is refused."""
+    from edgeqlora.errors import ExportError
+    from edgeqlora.exporters.gguf import read_back
+    from edgeqlora.runtimes.gguf_header import read_gguf_header
+
+    path = f16_export / "model.f16.gguf"
+    _, reader = _fields(path)
+    back = read_back(path)
+    assert back["tensors"] == {t.name: {"type": t.tensor_type.name,
+                                        "shape": [int(x) for x in t.shape]}
+                               for t in reader.tensors}
+    assert back["tensor_count"] == len(reader.tensors) == sum(back["types"].values())
+    offsets = {t.name: t.offset for t in read_gguf_header(path)[1]}
+    assert offsets == {t.name: int(t.data_offset) for t in reader.tensors}
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-4096])
+    with pytest.raises(ExportError, match="cannot be read back as GGUF .*truncated"):
+        read_back(cut)
+
+
+def test_tokenizer_files_are_the_merge_stages():
+    """The exporter copies the tokenizer files the merge stage writes (a copy of its list:
+    exporters may not import the merge stage)."""
+    from edgeqlora.exporters.gguf.common import TOKENIZER_FILES
+    from edgeqlora.merge import TOKENIZER_FILES as MERGE_FILES
+
+    assert TOKENIZER_FILES == MERGE_FILES
+
+
+def test_modelfile_renders_as_transformers(tiny, tmp_path):
+    """The Modelfile's system prompt comes from the chat template rendered torch-free; it is
+    what transformers' apply_chat_template renders."""
+    from transformers import AutoTokenizer
+
+    from edgeqlora.exporters.gguf.modelfile import modelfile
+
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    probe = tok.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False,
+                                    add_generation_prompt=True)
+    system = probe[len("<|im_start|>system\n"):probe.index("<|im_end|>")]
+    text = modelfile(tiny["base"], "m.gguf", "a.gguf")
+    assert text.startswith("FROM ./m.gguf\nADAPTER ./a.gguf\n")
+    assert f'SYSTEM """{system}"""' in text and system
+    stops = [line for line in text.splitlines() if line.startswith("PARAMETER stop")]
+    assert stops == [f'PARAMETER stop "{s}"' for s in dict.fromkeys(["<|im_end|>",
+                                                                       tok.eos_token])]
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0"])
@@ -159,13 +217,13 @@ def test_streamed_row_chunks_write_the_same_bytes(tiny, tmp_path, quant):
 
 def test_unreadable_tokenizer_is_one_line(tmp_path):
     from edgeqlora.errors import InputError
-    from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf.metadata import load_tokenizer
 
     with pytest.raises(InputError, match="no tokenizer.json"):
-        G.load_tokenizer(tmp_path)
+        load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"model": ')
     with pytest.raises(InputError, match="not a readable tokenizer file"):
-        G.load_tokenizer(tmp_path)
+        load_tokenizer(tmp_path)
 
 
 def test_modelfile(f16_export):
@@ -178,7 +236,7 @@ def test_modelfile(f16_export):
 def test_permutation_is_an_interleave_of_rotary_halves():
     import numpy as np
 
-    from edgeqlora.exporters.gguf import permute_qk
+    from edgeqlora.exporters.gguf.kernels import permute_qk
 
     # One head of dim 8: HF's rotate-half pairs (i, i+4) become ggml's adjacent (2i, 2i+1).
     w = np.arange(8)[:, None] * np.ones((1, 3))
@@ -190,28 +248,30 @@ def test_permutation_is_an_interleave_of_rotary_halves():
 
 @needs_llama_cpp
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_other_architectures_run_in_llama_cpp(arch, tmp_path, embedded_dir, monkeypatch):
+def test_other_architectures_run_in_llama_cpp(arch, tmp_path, tokenizer_dir, monkeypatch):
     """mistral (permuted, like llama) and qwen2 (not permuted, q/k/v biases): logits in
     llama.cpp match torch, which a wrong permutation would break."""
     from transformers import AutoTokenizer
 
     from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf import metadata as M
+    from edgeqlora.exporters.gguf.verify import verify
 
-    base = build_tiny_model(tmp_path / arch, embedded_dir, arch=arch)
+    base = build_tiny_model(tmp_path / arch, tokenizer_dir, arch=arch)
     texts = ["hello 123"]
     if arch == "qwen2":
         # transformers loads the SmolLM2 tokenizer files of this test model through its Qwen2
         # tokenizer class, which swaps in Qwen2's pre-tokenizer regex: a tokenizer no real model
         # has, which the exporter rightly refuses. Only the weights matter here.
-        monkeypatch.setattr(G, "pre_tokenizer_name", lambda tok: "smollm")
+        monkeypatch.setattr(M, "pre_tokenizer_name", lambda tok: "smollm")
         texts = []
     out = tmp_path / f"{arch}.gguf"
     G.write_model_gguf(base, out, "f32")
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     seqs = [tok("The quick brown fox jumps over the lazy dog 12 times.")["input_ids"],
             tok("Turn on the kitchen light at seven thirty")["input_ids"]]
-    r = G.verify(out, base, seqs, texts, G.default_thresholds("f32"),
-                 plan=G.plan_tensors(base, G.read_config(base), "f32"))
+    r = verify(out, verify_set(base, seqs, texts), G.default_thresholds("f32"),
+               plan=G.plan_tensors(base, G.read_config(base), "f32"))
     assert r["passed"], r["problems"]
     assert r["kld"] < 1e-4
 
@@ -236,7 +296,6 @@ def test_adapter_only_on_base_gguf_matches_merged(tiny, f16_export, tmp_path):
     from transformers import AutoTokenizer
 
     from edgeqlora.export import export_adapter
-    from edgeqlora.exporters.gguf import gguf_logits
 
     out = tmp_path / "ao"
     m = export_adapter(tiny["adapter"], out, quant="f16", merge_base="original",
@@ -252,8 +311,8 @@ def test_adapter_only_on_base_gguf_matches_merged(tiny, f16_export, tmp_path):
     assert shapes["blk.0.attn_k.weight.lora_b"] == [8, 32]
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     seqs = [tok("Set the bedroom fan to 40 percent please")["input_ids"]]
-    with_lora = gguf_logits(out / "base.f16.gguf", seqs, out / "adapter.f32.gguf")
-    merged = gguf_logits(f16_export / "model.f16.gguf", seqs)
+    with_lora = _runtime_logits(out / "base.f16.gguf", seqs, out / "adapter.f32.gguf")
+    merged = _runtime_logits(f16_export / "model.f16.gguf", seqs)
     # Both F16 bases; the adapter path adds B(Ax) in f32 instead of rounding W+BA to F16.
     assert np.abs(with_lora - merged).max() < 2e-3 * np.abs(merged).max() + 1e-3
     assert (with_lora.argmax(-1) == merged.argmax(-1)).mean() == 1.0
@@ -269,9 +328,6 @@ def test_adapter_on_embeddings_refused(tiny, tmp_path):
         export_adapter(ad, tmp_path / "out", quant="f16", merge_base="original",
                        adapter_only=True, eval_tokens=32)
     assert not (tmp_path / "out").exists()
-
-
-# --- failure modes ---------------------------------------------------------------------------
 
 
 def _leftovers(parent: Path, name: str) -> list[Path]:
@@ -296,15 +352,17 @@ def test_kquant_without_llama_cpp(monkeypatch, tiny, tmp_path):
     skipped and said so)."""
     from edgeqlora.errors import MissingDependencyError
     from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf import common
 
-    monkeypatch.setattr(G, "has_llama_cpp", lambda: False)
+    monkeypatch.setattr(common, "has_llama_cpp", lambda: False)
     with pytest.raises(MissingDependencyError, match="pip install"):
         G.check_quant("q4_k_m")
     assert G.check_quant("Q8_0") == "q8_0"
     out = tmp_path / "x"
     out.mkdir()
     info = G.write_export(tiny["base"], out, "q4_0")
-    r = G.verify_export(out, info, tiny["base"], [[1, 2, 3]], ["hi"], G.default_thresholds("q4_0"))
+    r = G.verify_export(out, info, verify_set(tiny["base"], [[1, 2, 3]], ["hi"]),
+                        G.default_thresholds("q4_0"))
     assert r["passed"] and r["runtime"].startswith("skipped: llama-cpp-python not installed")
     assert info["quant_mix"] == {"F32": 5, "Q4_0": 14, "Q8_0": 1}  # tied output kept at Q8_0
 
@@ -312,7 +370,7 @@ def test_kquant_without_llama_cpp(monkeypatch, tiny, tmp_path):
 def test_unsupported_architecture(tiny, tmp_path):
     from edgeqlora.errors import InputError
     from edgeqlora.export import export_adapter
-    from edgeqlora.exporters.gguf import model_arch
+    from edgeqlora.exporters.gguf.metadata import model_arch
 
     with pytest.raises(InputError, match="GPTNeoXForCausalLM.*supported: LlamaForCausalLM, "
                                          "MistralForCausalLM, Qwen2ForCausalLM"):
@@ -408,9 +466,6 @@ def test_failed_verification_ships_nothing_unless_forced(tiny, tmp_path, capsys)
     assert v["passed"] is False and v["thresholds"]["min_top1"] == 1.01
 
 
-# --- the real embedded model -----------------------------------------------------------------
-
-
 @pytest.mark.slow
 @needs_llama_cpp
 def test_embedded_model_f16_and_q8_0(embedded_dir, tmp_path):
@@ -428,8 +483,6 @@ def test_embedded_model_f16_and_q8_0(embedded_dir, tmp_path):
         assert v["passed"] and v["top1"] >= floor, v
         assert v["tokenization"]["identical"] == v["tokenization"]["texts"]
 
-
-# --- the parity gate at export time ------------------------------------------------------------
 
 _GATE_ARGS = ["export.eval_tokens=64", "parity.eval_examples=2", "parity.text_tokens=48",
               "max_new_tokens=8"]

@@ -1,8 +1,8 @@
 """GGUF importance-matrix quantization (``imatrix``): the matrix itself (one positive row per
 block weight, equal to a hand computation), the re-quantization path (llama.cpp's own bytes
 without an imatrix, different bytes and a smaller importance-weighted error with one), the export
-(same type mix, loads in llama.cpp, recorded in the manifest) and the bad inputs (one line,
-nothing written)."""
+(same type mix, loads in llama.cpp, recorded in the manifest), the calibration request the export
+stage answers, and the bad inputs (one line, nothing written)."""
 
 from __future__ import annotations
 
@@ -21,25 +21,44 @@ ROWS = 12  # calibration rows: enough for every column to be seen, fast on two c
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, embedded_dir):
+def tiny(tmp_path_factory, tokenizer_dir):
     """A tiny Llama whose rows are 256 wide, so llama.cpp's Q4_K_M mix really uses K-quants
     (narrower rows fall back to Q5_0/Q8_0)."""
     root = tmp_path_factory.mktemp("imatrix")
-    base = build_tiny_model(root / "base", embedded_dir, hidden=256, intermediate=512,
+    base = build_tiny_model(root / "base", tokenizer_dir, hidden=256, intermediate=512,
                             layers=2, heads=4, kv_heads=2)
     calib = root / "calib.jsonl"
-    from edgeqlora.data import load_dataset
+    from edgeqlora.rows import load_dataset
 
     rows = load_dataset("embedded:iot").rows[:ROWS]
     calib.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
     return {"root": root, "base": base, "calib": calib}
 
 
+def _calibration(base: Path, quant: str, options: dict):
+    """What the export stage does with the exporter's calibration request: the rows, made by
+    ``heldout.calibration_sequences`` with the base's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from edgeqlora.exporters import gguf as G
+    from edgeqlora.heldout import calibration_sequences
+
+    req = G.calibration_request(quant, options)
+    if req is None:
+        return None
+    return calibration_sequences(AutoTokenizer.from_pretrained(base), req["spec"], req["rows"],
+                                 req["max_len"], req["what"])
+
+
 @pytest.fixture(scope="module")
 def imatrix(tiny):
-    from edgeqlora.exporters.gguf_imatrix import build_imatrix
+    """The imatrix on the calibration rows, with the record the export keeps of both."""
+    from edgeqlora.exporters.gguf.imatrix import build_imatrix
 
-    return build_imatrix(tiny["base"], str(tiny["calib"]), ROWS)
+    seqs, record = _calibration(tiny["base"], "q4_k_m",
+                                {"imatrix": str(tiny["calib"]), "imatrix_rows": ROWS})
+    im, made = build_imatrix(tiny["base"], seqs)
+    return im, {**record, **made}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +70,10 @@ def exports(tiny):
     for key, im in (("plain", None), ("imatrix", str(tiny["calib"]))):
         d = tiny["root"] / f"q4km-{key}"
         d.mkdir()
-        out[key] = (d, G.write_export(tiny["base"], d, "q4_k_m", imatrix=im, imatrix_rows=ROWS))
+        options = {"imatrix": im, "imatrix_rows": ROWS}
+        out[key] = (d, G.write_export(tiny["base"], d, "q4_k_m", **options,
+                                      calibration=_calibration(tiny["base"], "q4_k_m",
+                                                               options)))
     return out
 
 
@@ -69,7 +91,8 @@ def test_imatrix_rows_match_the_activations(tiny, imatrix):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeqlora.exporters.gguf_imatrix import calibration_sequences
+    from edgeqlora.exporters.gguf.imatrix import MAX_LEN
+    from edgeqlora.heldout import calibration_sequences
 
     im, record = imatrix
     kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -84,7 +107,7 @@ def test_imatrix_rows_match_the_activations(tiny, imatrix):
     assert record["entries"] == 14 and len(record["sha256"]) == 64
 
     seqs, _ = calibration_sequences(AutoTokenizer.from_pretrained(tiny["base"]),
-                                    str(tiny["calib"]), ROWS)
+                                    str(tiny["calib"]), ROWS, MAX_LEN)
     model = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)
     with torch.no_grad():
         xs = [model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor(s)))
@@ -101,7 +124,8 @@ def test_without_imatrix_the_kernel_gives_llama_cpps_bytes(tiny):
     import numpy as np
 
     from edgeqlora.exporters import gguf as G
-    from edgeqlora.exporters.gguf_imatrix import IMATRIX_TYPES, quantize_rows
+    from edgeqlora.exporters.gguf.imatrix import IMATRIX_TYPES
+    from edgeqlora.exporters.gguf.kernels import quantize_rows
 
     f32 = tiny["root"] / "tiny.f32.gguf"
     G.write_model_gguf(tiny["base"], f32, "f32")
@@ -151,7 +175,7 @@ def test_imatrix_lowers_the_importance_weighted_error(tiny, exports, imatrix):
     import numpy as np
 
     from edgeqlora.exporters import gguf as G
-    from edgeqlora.exporters.gguf_imatrix import quantize_rows
+    from edgeqlora.exporters.gguf.kernels import quantize_rows
 
     im = imatrix[0]
     f32 = tiny["root"] / "tiny.f32.gguf"
@@ -183,30 +207,55 @@ def test_imatrix_lowers_the_importance_weighted_error(tiny, exports, imatrix):
 def test_imatrix_ignored_for_types_that_do_not_use_one(tiny, tmp_path):
     from edgeqlora.exporters import gguf as G
 
-    info = G.write_export(tiny["base"], tmp_path, "f16", imatrix=str(tiny["calib"]))
+    options = {"imatrix": str(tiny["calib"])}
+    assert G.calibration_request("f16", options) is None  # no rows to make for F16
+    info = G.write_export(tiny["base"], tmp_path, "f16", **options)
     assert info["imatrix"]["used"] is False and "f16 does not use" in info["imatrix"]["note"]
+    assert info["imatrix"]["source"] == str(tiny["calib"])
     assert info["quant_mix"] == {"F32": 5, "F16": 15}
 
 
-def test_auto_resolves_to_the_training_data(tiny, tmp_path):
-    from edgeqlora.errors import ConfigError, InputError
+def test_calibration_request_and_auto(tiny, tmp_path):
+    """The exporter asks for calibration rows only where an imatrix changes the file; ``auto``
+    is passed on for the export stage to turn into the adapter's training data. Without the
+    rows, an imatrix export is refused before anything is written."""
+    from edgeqlora.errors import ConfigError
     from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf.imatrix import DEFAULT_ROWS, MAX_LEN
 
-    got = G.resolve_options({"imatrix": "auto"}, {"data": {"spec": "embedded:iot"}})
-    assert got["imatrix"] == "embedded:iot" and got["imatrix_source"].startswith("auto")
-    assert G.resolve_options({"imatrix": "AUTO"}, {"config": {"data": str(tiny["calib"])}}
-                             )["imatrix"] == str(tiny["calib"])
-    assert G.resolve_options({}, {}) == {}
-    with pytest.raises(InputError, match="gone.jsonl.*does not exist here.*--imatrix PATH"):
-        G.resolve_options({"imatrix": "auto"}, {"data": {"spec": str(tmp_path / "gone.jsonl")}})
-    with pytest.raises(InputError, match="names no training data"):
-        G.resolve_options({"imatrix": "auto"}, {})
+    want = {"spec": "auto", "rows": DEFAULT_ROWS, "max_len": MAX_LEN,
+            "what": "imatrix calibration data"}
+    assert G.calibration_request("q4_k_m", {"imatrix": "auto"}) == want
+    assert G.calibration_request("Q4_0", {"imatrix": "AUTO", "imatrix_rows": 7}) == \
+        {**want, "rows": 7}
+    assert G.calibration_request("q6_k", {"imatrix": str(tiny["calib"])})["spec"] == \
+        str(tiny["calib"])
+    for quant, options in (("q4_k_m", {}), ("q4_k_m", {"imatrix": "none"}),
+                           ("q8_0", {"imatrix": "auto"})):
+        assert G.calibration_request(quant, options) is None
     with pytest.raises(ConfigError, match="imatrix=auto"):
         G.write_export(tiny["base"], tmp_path, "q4_k_m", imatrix="auto")
     assert list(tmp_path.iterdir()) == []
 
 
+def test_check_options_names_every_problem(tiny):
+    from edgeqlora.errors import ConfigError
+    from edgeqlora.exporters import gguf as G
+
+    assert G.check_options({}) == G.DEFAULT_OPTIONS
+    assert G.check_options({"imatrix": " Auto ", "name": "m"}) == \
+        {**G.DEFAULT_OPTIONS, "imatrix": "auto", "name": "m"}
+    with pytest.raises(ConfigError) as err:
+        G.check_options({"imatrx": "auto", "block_size": 32, "imatrix_rows": 0, "name": "a/b"})
+    msg = str(err.value)
+    for part in ("'imatrx' (did you mean 'imatrix'?", "'block_size'", "imatrix_rows=0",
+                 "name='a/b'", "valid: imatrix, imatrix_rows, name"):
+        assert part in msg, msg
+
+
 def test_bad_calibration_data_writes_nothing(tiny, tmp_path):
+    """A missing path is refused by the option check, before any work; bad rows fail where the
+    export stage makes them from the request, named as imatrix calibration data."""
     from edgeqlora.errors import DataError, InputError
     from edgeqlora.exporters import gguf as G
 
@@ -214,10 +263,12 @@ def test_bad_calibration_data_writes_nothing(tiny, tmp_path):
     out.mkdir()
     with pytest.raises(InputError, match="imatrix='.*nope.jsonl': no such file"):
         G.write_export(tiny["base"], out, "q4_k_m", imatrix=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(InputError, match="nope.jsonl': no such file"):
+        G.calibration_request("q4_k_m", {"imatrix": str(tmp_path / "nope.jsonl")})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"foo": 1}\n{"bar": 2}\n')
     with pytest.raises(DataError, match="imatrix calibration data .*bad.jsonl.*no usable rows"):
-        G.write_export(tiny["base"], out, "q4_k_m", imatrix=str(bad))
+        _calibration(tiny["base"], "q4_k_m", {"imatrix": str(bad)})
     assert list(out.iterdir()) == [] and not list(tmp_path.glob(".f32-*"))
 
 

@@ -1,4 +1,4 @@
-"""K-quant mixes written directly (``exporters.gguf_kquant``): for every mix, tied and untied
+"""K-quant mixes written directly (``exporters/gguf/plan.py``, ``kquant_types``): for every mix, tied and untied
 heads, GQA, qwen2 and rows that force llama.cpp's fallbacks, the one-pass writer's file holds the
 same tensors, types, bytes and metadata as llama.cpp's quantizer (``llama_model_quantize``) writes
 from an F32 GGUF of the same weights; with an importance matrix, the same bytes as quantizing
@@ -55,13 +55,13 @@ def _check_same_file(base, tmp_path, quant, f32=None):
 
 
 @pytest.fixture(scope="module")
-def deep(tmp_path_factory, embedded_dir):
+def deep(tmp_path_factory, tokenizer_dir):
     """16 layers (use_more_bits and the n/16 rule pick different layers), 256-wide rows (K
     types, no fallback), GQA 4:1; its F32 GGUF written once."""
     from edgeqlora.exporters import gguf as G
 
     root = tmp_path_factory.mktemp("kquant-deep")
-    base = build_tiny_model(root / "base", embedded_dir, hidden=256, intermediate=512,
+    base = build_tiny_model(root / "base", tokenizer_dir, hidden=256, intermediate=512,
                             layers=16, heads=4, kv_heads=1)
     f32 = root / "ref.f32.gguf"
     G.write_model_gguf(base, f32, "f32")
@@ -76,12 +76,12 @@ def test_direct_kquant_is_llama_cpps_file(deep, tmp_path, quant, bulk):
 
 
 @pytest.mark.parametrize("case", ["untied", "fallback", "qwen2"])
-def test_direct_q4_k_m_other_shapes(case, tmp_path, embedded_dir):
+def test_direct_q4_k_m_other_shapes(case, tmp_path, tokenizer_dir):
     shape = {"untied": dict(hidden=256, intermediate=512, tie=False),
              # 96-wide rows: K types fall back (Q5_0; Q8_0 for the head), as SmolLM2's 576.
              "fallback": dict(hidden=96, intermediate=256, heads=3, kv_heads=1),
              "qwen2": dict(arch="qwen2", hidden=256, intermediate=512)}[case]
-    base = build_tiny_model(tmp_path / "base", embedded_dir, layers=2, **shape)
+    base = build_tiny_model(tmp_path / "base", tokenizer_dir, layers=2, **shape)
     mix = _check_same_file(base, tmp_path, "q4_k_m")
     if case == "fallback":
         assert {"Q5_0", "Q8_0"} <= mix
@@ -89,14 +89,14 @@ def test_direct_q4_k_m_other_shapes(case, tmp_path, embedded_dir):
         assert "Q4_K" in mix
 
 
-def test_direct_kquant_with_imatrix_is_quantize_then_requantize(tmp_path, embedded_dir):
+def test_direct_kquant_with_imatrix_is_quantize_then_requantize(tmp_path, tokenizer_dir):
     """An importance matrix applied while streaming gives the bytes of llama.cpp's quantizer
     followed by the re-quantization with the matrix (the path for models the direct writer
     leaves to llama.cpp)."""
     from edgeqlora.exporters import gguf as G
-    from edgeqlora.exporters.gguf_imatrix import apply_imatrix
+    from edgeqlora.exporters.gguf.imatrix import apply_imatrix
 
-    base = build_tiny_model(tmp_path / "base", embedded_dir, hidden=256, intermediate=512,
+    base = build_tiny_model(tmp_path / "base", tokenizer_dir, hidden=256, intermediate=512,
                             layers=2)
     rng = np.random.default_rng(0)
     plan = G.plan_tensors(base, G.read_config(base), "f32")
@@ -113,7 +113,7 @@ def test_direct_kquant_with_imatrix_is_quantize_then_requantize(tmp_path, embedd
 
 
 def test_kquant_types_leave_70b_rule_to_llama_cpp():
-    from edgeqlora.exporters.gguf_kquant import kquant_types
+    from edgeqlora.exporters.gguf.plan import kquant_types
 
     plan = [{"name": f"blk.{i}.attn_v.weight", "shape": [1024, 8192]} for i in range(80)]
     assert kquant_types(plan, "q4_k_m", 80) is None

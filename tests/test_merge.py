@@ -16,9 +16,9 @@ IDS = [[1, 500, 600, 700, 42, 9, 12000, 3, 77, 31000]]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, embedded_dir):
+def tiny(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("merge")
-    base = build_tiny_model(root / "base", embedded_dir)
+    base = build_tiny_model(root / "base", tokenizer_dir)
     return {"root": root, "base": base, "adapter": make_adapter(root / "adapter", base)}
 
 
@@ -153,12 +153,12 @@ def test_truncated_base_weights(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_adapter_for_another_base(tiny, tmp_path, embedded_dir):
+def test_adapter_for_another_base(tiny, tmp_path, tokenizer_dir):
     from edgeqlora.artifacts import write_manifest
     from edgeqlora.errors import ManifestError
     from edgeqlora.merge import merge_adapter
 
-    other = build_tiny_model(tmp_path / "other", embedded_dir, hidden=32, intermediate=64, seed=1)
+    other = build_tiny_model(tmp_path / "other", tokenizer_dir, hidden=32, intermediate=64, seed=1)
     ad = _copy_adapter(tiny["adapter"], tmp_path / "ad")
     manifest = json.loads((ad / "manifest.json").read_text())
     keep = {k: v for k, v in manifest.items()

@@ -1,4 +1,4 @@
-"""ONNX export (exporters/onnx.py) on tiny random models with the real tokenizer: the written
+"""ONNX export (exporters/onnx/) on tiny random models with the real tokenizer: the written
 graph runs in onnxruntime with a KV cache and matches the merged model in torch; quant recipes
 produce the operators they promise; bad input fails with one clear line and writes nothing."""
 
@@ -11,22 +11,24 @@ import numpy as np
 import pytest
 
 from conftest import build_tiny_model, has_module
+from onnx_fixtures import lora_arrays, verify_set
 
 pytestmark = pytest.mark.skipif(not (has_module("onnx") and has_module("onnxruntime")),
                                 reason="needs onnx + onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, embedded_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("onnx-tiny"), embedded_dir, seed=1)
+def tiny(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("onnx-tiny"), tokenizer_dir, seed=1)
 
 
 @pytest.fixture(scope="module")
 def fp32_export(tmp_path_factory, tiny) -> tuple[Path, dict]:
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
     out = tmp_path_factory.mktemp("onnx-exports") / "fp32"
-    manifest = export_merged(tiny, out, "fp32", eval_tokens=128, context_length=256)
+    manifest = export_merged(tiny, out, target="onnx", quant="fp32", eval_tokens=128,
+                             context_length=256)
     return out, manifest
 
 
@@ -82,25 +84,27 @@ def test_quant_recipes(fp32_export, quant, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from edgeqlora.exporters import onnx as E
+    from edgeqlora.exporters.onnx import graph as G
+    from edgeqlora.exporters.onnx import quantize as Q
+    from edgeqlora.exporters.onnx import recipes as R
 
     out, _ = fp32_export
     model = onnx.load(str(out / "model.onnx"))
-    n_linear = len(E.weight_matmuls(model))
+    n_linear = len(G.weight_matmuls(model))
     assert n_linear == 2 * 7 + 1  # q k v o gate up down per layer + lm_head (tied, own copy)
-    recipe = E.RECIPES[quant]
-    q = E.quantize(model, recipe, E.check_options({}))
-    ops = E.op_counts(q)
-    for op, n in E.expected_ops(recipe, n_linear).items():
+    recipe = R.RECIPES[quant]
+    q = Q.quantize(model, recipe, R.check_options({}))
+    ops = G.op_counts(q)
+    for op, n in Q.expected_ops(recipe, n_linear).items():
         assert ops.get(op, 0) >= n, (op, ops)  # MatMul also counts the attention's own
     if recipe["bits"] in (4, 8):
-        assert ops["MatMulNBits"] == n_linear and len(E.weight_matmuls(q)) == 0
+        assert ops["MatMulNBits"] == n_linear and len(G.weight_matmuls(q)) == 0
     else:
-        assert len(E.weight_matmuls(q)) == 0  # every weight now read through a Cast
+        assert len(G.weight_matmuls(q)) == 0  # every weight now read through a Cast
     if quant in ("int4", "int4-q8head"):
         # Tied weights: the embedding rows are read from the 4-/8-bit head, no second table.
         bits = 8 if quant == "int4-q8head" else 4
-        assert E.embedding_gathers(q) == []
+        assert G.embedding_gathers(q) == []
         gbq = [n for n in q.graph.node if n.op_type == "GatherBlockQuantized"]
         assert len(gbq) == 1 and gbq[0].name.endswith(f"_Q{bits}_shared")
         head = [n for n in q.graph.node if n.name.endswith("lm_head/MatMul_Q%d" % bits)]
@@ -126,10 +130,10 @@ def test_quant_recipes(fp32_export, quant, tmp_path):
 
 
 def test_int4_export_manifest_records_recipe(tiny, tmp_path):
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
-    m = export_merged(tiny, tmp_path / "int4", "int4", eval_tokens=64, block_size=64,
-                      accuracy_level=4, context_length=128)
+    m = export_merged(tiny, tmp_path / "int4", target="onnx", quant="int4", eval_tokens=64,
+                      block_size=64, accuracy_level=4, context_length=128)
     info = m["exporter"]
     assert m["quant"] == "int4" and info["matmulnbits"] == 15
     assert info["recipe"] == {"bits": 4, "algorithm": "rtn", "embedding": "int4",
@@ -139,15 +143,16 @@ def test_int4_export_manifest_records_recipe(tiny, tmp_path):
     assert m["verification"]["passed"]
 
 
-def test_qwen2_with_biases(tmp_path, embedded_dir):
+def test_qwen2_with_biases(tmp_path, tokenizer_dir):
     from edgeqlora.exporters.onnx import default_thresholds, verify_export, write_export
 
-    src = build_tiny_model(tmp_path / "qwen", embedded_dir, arch="qwen2", seed=2)
+    src = build_tiny_model(tmp_path / "qwen", tokenizer_dir, arch="qwen2", seed=2)
     out = tmp_path / "out"
     out.mkdir()
     info = write_export(src, out, "fp32", context_length=64)
     seq = [1, 504, 2000, 33, 9000, 12, 7]
-    check = verify_export(out, info, src, [seq], ["hello"], default_thresholds("fp32"))
+    check = verify_export(out, info, verify_set(src, [seq], ["hello"]),
+                          default_thresholds("fp32"))
     assert check["passed"], check["problems"]
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "qwen2"
 
@@ -161,10 +166,11 @@ def adapter(tmp_path_factory, tiny) -> Path:
 
 def test_adapter_export_through_the_export_stage(adapter, tmp_path):
     """The acceptance path: adapter -> merge -> ONNX -> verified export -> runtimes.load."""
-    from edgeqlora import exporters, runtimes
+    from edgeqlora import runtimes
+    from edgeqlora.export import export_adapter
 
-    m = exporters.export("onnx", adapter, tmp_path / "export", quant="fp32",
-                         merge_base="original", eval_tokens=64)
+    m = export_adapter(adapter, tmp_path / "export", target="onnx", quant="fp32",
+                       merge_base="original", eval_tokens=64)
     assert m["target"] == "onnx" and m["verification"]["passed"]
     assert m["exporter"]["model_file"] == "model.onnx"
     rt = runtimes.load(tmp_path / "export", verify=True)
@@ -172,25 +178,24 @@ def test_adapter_export_through_the_export_stage(adapter, tmp_path):
     assert isinstance(rt.chat([{"role": "user", "content": "lamp on"}], max_new_tokens=3), str)
 
 
-# ---------------------------------------------------------------------------------------------
 # Bad input: one clear line, nothing written
 
 
 def test_unknown_quant(tiny, tmp_path):
     from edgeqlora.errors import ConfigError
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
     with pytest.raises(ConfigError, match=r"quant='q4_k_m' is not an ONNX quant; valid: int4"):
-        export_merged(tiny, tmp_path / "x", "q4_k_m")
+        export_merged(tiny, tmp_path / "x", target="onnx", quant="q4_k_m")
     assert not (tmp_path / "x").exists()
 
 
 def test_bad_options(tiny, tmp_path):
     from edgeqlora.errors import ConfigError
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
     with pytest.raises(ConfigError) as err:
-        export_merged(tiny, tmp_path / "x", "int4", block_size=48, bogus=1)
+        export_merged(tiny, tmp_path / "x", target="onnx", quant="int4", block_size=48, bogus=1)
     assert "block_size=48" in str(err.value) and "'bogus'" in str(err.value)
 
 
@@ -198,7 +203,7 @@ def test_unsupported_architecture(tiny, tmp_path):
     import shutil
 
     from edgeqlora.errors import InputError
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
     src = tmp_path / "gpt2"
     shutil.copytree(tiny, src)
@@ -207,7 +212,7 @@ def test_unsupported_architecture(tiny, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="architecture GPT2LMHeadModel .* not supported by the "
                                          "ONNX exporter; supported: LlamaForCausalLM"):
-        export_merged(src, tmp_path / "x", "fp32")
+        export_merged(src, tmp_path / "x", target="onnx", quant="fp32")
     assert not (tmp_path / "x").exists()
 
 
@@ -215,24 +220,26 @@ def test_merged_dir_without_tokenizer(tiny, tmp_path):
     import shutil
 
     from edgeqlora.errors import InputError
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
     src = tmp_path / "notok"
     shutil.copytree(tiny, src)
     (src / "tokenizer.json").unlink()
     with pytest.raises(InputError, match="has no tokenizer.json"):
-        export_merged(src, tmp_path / "x", "fp32")
+        export_merged(src, tmp_path / "x", target="onnx", quant="fp32")
     assert not (tmp_path / "x").exists()
 
 
 def test_genai_missing_still_exports(tiny, tmp_path, monkeypatch, caplog):
     """Without onnxruntime-genai the export is written and verified with onnxruntime; the
     manifest and the log say that the genai load was not tested."""
-    from edgeqlora.exporters import onnx as E
+    from edgeqlora.export import export_merged
+    from edgeqlora.exporters.onnx import recipes
 
-    monkeypatch.setattr(E, "has_genai", lambda: False)
+    monkeypatch.setattr(recipes, "has_genai", lambda: False)
     with caplog.at_level("WARNING"):
-        m = E.export_merged(tiny, tmp_path / "x", "fp32", eval_tokens=32, context_length=64)
+        m = export_merged(tiny, tmp_path / "x", target="onnx", quant="fp32", eval_tokens=32,
+                          context_length=64)
     assert m["verification"]["passed"]
     assert m["verification"]["genai"]["loaded"] is None
     assert "not test-loaded in onnxruntime-genai" in m["exporter"]["genai"]
@@ -241,16 +248,15 @@ def test_genai_missing_still_exports(tiny, tmp_path, monkeypatch, caplog):
 
 def test_failed_verification_ships_nothing(tiny, tmp_path):
     from edgeqlora.errors import ExportError
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
     with pytest.raises(ExportError, match="failed verification .* nothing was written"):
-        export_merged(tiny, tmp_path / "x", "int4", eval_tokens=32,
+        export_merged(tiny, tmp_path / "x", target="onnx", quant="int4", eval_tokens=32,
                       thresholds={"max_kld": 0.0})
     assert not (tmp_path / "x").exists()
     assert not any(p.name.startswith(".x") for p in tmp_path.iterdir())
 
 
-# ---------------------------------------------------------------------------------------------
 # nf4-exact: the trained NF4 codes (MatMulBnb4) + unmerged LoRA
 
 needs_bnb = pytest.mark.skipif(not has_module("bitsandbytes"), reason="needs bitsandbytes")
@@ -266,7 +272,7 @@ def test_matmulbnb4_reproduces_bitsandbytes_dequantization():
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeqlora.exporters.onnx_nf4 import nf4_pack
+    from edgeqlora.exporters.onnx.nf4 import nf4_pack
 
     torch.manual_seed(0)
     n, k = 96, 128
@@ -295,11 +301,11 @@ def test_nf4_exact_matches_the_trained_model(adapter, tmp_path):
     import torch
 
     from edgeqlora import runtimes
-    from edgeqlora.exporters.onnx import export_from_adapter
+    from edgeqlora.export import export_adapter
     from edgeqlora.qlora import load_trained
 
-    m = export_from_adapter(adapter, tmp_path / "nf4", "nf4-exact", eval_tokens=128,
-                            context_length=128)
+    m = export_adapter(adapter, tmp_path / "nf4", target="onnx", quant="nf4-exact",
+                       eval_tokens=128, context_length=128)
     v = m["verification"]
     assert v["passed"] and v["reference"].startswith("trained model")
     assert v["kld"] <= 1e-3 and v["top1"] >= 0.99  # acceptance bound (measured ~1e-15 here)
@@ -328,7 +334,6 @@ def test_nf4_exact_needs_the_adapter(tiny, tmp_path):
         write_export(tiny, tmp_path / "o", "nf4-exact")
 
 
-# ---------------------------------------------------------------------------------------------
 # Adapter-only: a base with LoRA inputs + onnxruntime adapter files, switched without reloading
 
 
@@ -337,19 +342,20 @@ def test_two_adapters_on_one_base(adapter, tiny, tmp_path):
     from lora_fixtures import make_adapter
     from transformers import AutoModelForCausalLM
 
-    from edgeqlora import exporters, runtimes
-    from edgeqlora.exporters.onnx_lora import write_adapter_file
+    from edgeqlora import runtimes
+    from edgeqlora.export import export_adapter
+    from edgeqlora.exporters.onnx.lora import write_adapter_file
     from edgeqlora.merge import merge_adapter
 
     out = tmp_path / "adapter-only"
-    m = exporters.export("onnx", adapter, out, quant="int4", merge_base="original",
-                         adapter_only=True, eval_tokens=64)
+    m = export_adapter(adapter, out, target="onnx", quant="int4", merge_base="original",
+                       adapter_only=True, eval_tokens=64)
     assert m["exporter"]["adapter_file"] == "adapter.onnx_adapter"
     assert m["verification"]["passed"]
     assert m["exporter"]["matmulnbits"] == 15  # base quantized; LoRA MatMuls stay fp32
     assert m["exporter"]["ops"]["MatMul"] >= 4 + 2 * 14
     second = make_adapter(tmp_path / "second", tiny, r=4, seed=5)
-    write_adapter_file(second, tmp_path / "second.onnx_adapter", base_export=out)
+    write_adapter_file(lora_arrays(second), tmp_path / "second.onnx_adapter", base_export=out)
 
     ids = [1, 504, 2000, 33, 9000, 12, 7, 88]
 
@@ -380,24 +386,23 @@ def test_two_adapters_on_one_base(adapter, tiny, tmp_path):
     assert err(alone, base) < min(err(alone, merged["first"]), err(alone, merged["second"]))
 
 
-def test_adapter_file_for_another_base_is_refused(adapter, tmp_path, embedded_dir):
+def test_adapter_file_for_another_base_is_refused(adapter, tmp_path, tokenizer_dir):
     from lora_fixtures import make_adapter
 
-    from edgeqlora import exporters
     from edgeqlora.errors import InputError
-    from edgeqlora.exporters.onnx_lora import write_adapter_file
+    from edgeqlora.export import export_adapter
+    from edgeqlora.exporters.onnx.lora import write_adapter_file
 
     out = tmp_path / "base-qv"
-    small = make_adapter(tmp_path / "qv", build_tiny_model(tmp_path / "t", embedded_dir, seed=1),
+    small = make_adapter(tmp_path / "qv", build_tiny_model(tmp_path / "t", tokenizer_dir, seed=1),
                          targets=("q_proj", "v_proj"), r=2)
-    exporters.export("onnx", small, out, quant="fp32", merge_base="original",
-                     adapter_only=True, eval_tokens=32)
+    export_adapter(small, out, target="onnx", quant="fp32", merge_base="original",
+                   adapter_only=True, eval_tokens=32)
     with pytest.raises(InputError, match="does not fit the base export"):
-        write_adapter_file(adapter, tmp_path / "x.onnx_adapter", base_export=out)
+        write_adapter_file(lora_arrays(adapter), tmp_path / "x.onnx_adapter", base_export=out)
 
 
-# ---------------------------------------------------------------------------------------------
-# Calibrated int4: GPTQ on the fine-tuning data, HQQ (exporters/onnx_calib.py)
+# Calibrated int4: GPTQ on the fine-tuning data, HQQ (exporters/onnx/gptq.py)
 
 
 @pytest.mark.parametrize("k", [160, 80])  # 80: a last, partial quantization block
@@ -407,7 +412,7 @@ def test_gptq_blockwise_grid_is_onnxruntimes(k):
     + block scales it returns (what MatMulNBits stores) dequantize to that same weight."""
     from onnxruntime.quantization.neural_compressor.weight_only import gptq
 
-    from edgeqlora.exporters.onnx_calib import gptq_blockwise
+    from edgeqlora.exporters.onnx.gptq import gptq_blockwise
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((k, 48)) * 0.05).astype(np.float32)
@@ -426,7 +431,7 @@ def test_gptq_beats_round_to_nearest_on_its_objective():
     """With correlated inputs (as real activations are), GPTQ's output error ||X (W - Q)||^2 is
     well below round-to-nearest's at the same 4-bit blocks (the reason to use it; onnxruntime
     1.32's own gptq does not propagate the error and scores as RTN here). Seeded."""
-    from edgeqlora.exporters.onnx_calib import gptq_blockwise
+    from edgeqlora.exporters.onnx.gptq import gptq_blockwise
 
     rng = np.random.default_rng(1)
     k, n = 128, 64
@@ -448,11 +453,13 @@ def test_calibrated_recipes_on_the_graph(fp32_export, tokenizer):
     import onnx
     import onnxruntime as ort
 
-    from edgeqlora.exporters import onnx as E
-    from edgeqlora.exporters.onnx_calib import calibration_sequences
+    from edgeqlora.exporters.onnx import graph as G
+    from edgeqlora.exporters.onnx import quantize as Q
+    from edgeqlora.exporters.onnx import recipes as R
+    from edgeqlora.heldout import calibration_sequences
 
     out, _ = fp32_export
-    seqs, record = calibration_sequences(tokenizer, "embedded:iot", 8)
+    seqs, record = calibration_sequences(tokenizer, "embedded:iot", 8, R.CALIBRATION_MAX_LEN)
     assert record["rows"] == 8 and record["tokens"] == sum(map(len, seqs))
 
     def run(m):
@@ -466,13 +473,13 @@ def test_calibrated_recipes_on_the_graph(fp32_export, tokenizer):
 
     ref_model = onnx.load(str(out / "model.onnx"))
     ref = run(ref_model)
-    n_linear = len(E.weight_matmuls(ref_model))
+    n_linear = len(G.weight_matmuls(ref_model))
     for quant in ("int4-gptq", "int4-gptq-q8head", "int4-hqq"):
         model = onnx.load(str(out / "model.onnx"))
-        q = E.quantize(model, E.RECIPES[quant], E.check_options({}), calibration=seqs)
-        ops = E.op_counts(q)
-        assert ops["MatMulNBits"] == n_linear and E.weight_matmuls(q) == [], (quant, ops)
-        assert ops.get("GatherBlockQuantized") == 1 and E.embedding_gathers(q) == []
+        q = Q.quantize(model, R.RECIPES[quant], R.check_options({}), calibration=seqs)
+        ops = G.op_counts(q)
+        assert ops["MatMulNBits"] == n_linear and G.weight_matmuls(q) == [], (quant, ops)
+        assert ops.get("GatherBlockQuantized") == 1 and G.embedding_gathers(q) == []
         shared = [n for n in q.graph.node if n.name.endswith("_shared")]
         # GPTQ writes symmetric blocks: the tied head's bytes serve the embedding too. HQQ has
         # zero points, so its embedding is a table of its own.
@@ -482,11 +489,11 @@ def test_calibrated_recipes_on_the_graph(fp32_export, tokenizer):
 
 
 def test_gptq_export_records_calibration(tiny, tmp_path):
-    from edgeqlora.data import dataset_sha256
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
+    from edgeqlora.rows import dataset_sha256
 
-    m = export_merged(tiny, tmp_path / "g", "int4-gptq", eval_tokens=64, context_length=128,
-                      calibration_data="embedded:iot", calibration_rows=4)
+    m = export_merged(tiny, tmp_path / "g", target="onnx", quant="int4-gptq", eval_tokens=64,
+                      context_length=128, calibration_data="embedded:iot", calibration_rows=4)
     recipe = m["exporter"]["recipe"]
     assert recipe["algorithm"] == "gptq" and recipe["symmetric"] is True
     cal = recipe["calibration"]
@@ -497,49 +504,59 @@ def test_gptq_export_records_calibration(tiny, tmp_path):
 
 
 def test_gptq_needs_usable_calibration_data(tiny, tmp_path):
-    """No data spec, a file without one usable row, or asymmetric blocks: one clear error before
-    the export starts, nothing written."""
-    from edgeqlora.errors import ConfigError, DataError
-    from edgeqlora.exporters.onnx import export_merged
+    """No data spec (a merged checkpoint has no training data for ``auto``), a missing file, a
+    file without one usable row, or asymmetric blocks: one clear error before the export
+    starts, nothing written."""
+    from edgeqlora.errors import ConfigError, DataError, InputError
+    from edgeqlora.export import export_merged
 
-    with pytest.raises(ConfigError, match="quant=int4-gptq calibrates on data.*"
-                                          "calibration_data"):
-        export_merged(tiny, tmp_path / "a", "int4-gptq", eval_tokens=32)
+    with pytest.raises(InputError, match="calibration data"):
+        export_merged(tiny, tmp_path / "a", target="onnx", quant="int4-gptq", eval_tokens=32)
+    with pytest.raises(InputError, match="calibration data: .*missing.jsonl does not exist"):
+        export_merged(tiny, tmp_path / "e", target="onnx", quant="int4-gptq", eval_tokens=32,
+                      calibration_data=str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"note": "no messages here"}\n{"text": ""}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl has no usable rows"):
-        export_merged(tiny, tmp_path / "b", "int4-gptq", eval_tokens=32,
+        export_merged(tiny, tmp_path / "b", target="onnx", quant="int4-gptq", eval_tokens=32,
                       calibration_data=str(bad))
     with pytest.raises(ConfigError, match="symmetric blocks only"):
-        export_merged(tiny, tmp_path / "c", "int4-gptq-q8head", eval_tokens=32,
-                      calibration_data="embedded:iot", symmetric=False)
+        export_merged(tiny, tmp_path / "c", target="onnx", quant="int4-gptq-q8head",
+                      eval_tokens=32, calibration_data="embedded:iot", symmetric=False)
     with pytest.raises(ConfigError, match="calibration_rows=0"):
-        export_merged(tiny, tmp_path / "d", "int4-gptq", calibration_data="embedded:iot",
-                      calibration_rows=0)
-    assert not any((tmp_path / d).exists() for d in "abcd")
+        export_merged(tiny, tmp_path / "d", target="onnx", quant="int4-gptq",
+                      calibration_data="embedded:iot", calibration_rows=0)
+    assert not any((tmp_path / d).exists() for d in "abcde")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_calibration_defaults_to_the_adapters_training_data():
-    """The export stage calls resolve_options with the adapter's manifest before the merge."""
-    from edgeqlora.exporters.onnx import resolve_options
+def test_calibration_request_defaults_to_the_adapters_training_data(tmp_path):
+    """Only the GPTQ recipes ask for rows; without calibration_data they ask for ``auto`` (the
+    stage resolves it to the adapter's training data); a given spec is passed through."""
+    from edgeqlora.errors import InputError
+    from edgeqlora.exporters.onnx import CALIBRATED, QUANTS, calibration_request
 
-    manifest = {"data": {"spec": "embedded:iot", "sha256": "x"}, "config": {"data": "other"}}
-    assert resolve_options({}, manifest)["calibration_data"] == "embedded:iot"
-    assert resolve_options({"calibration_data": "mine.jsonl"}, manifest) == {
-        "calibration_data": "mine.jsonl"}
-    assert resolve_options({"block_size": 64}, {}) == {"block_size": 64}
+    assert calibration_request("int4-gptq", {}) == {"spec": "auto", "rows": 64, "max_len": 256,
+                                                    "what": "calibration data"}
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"text": "lamp on"}\n')
+    req = calibration_request("INT4-GPTQ-Q8HEAD", {"calibration_data": str(mine),
+                                                   "calibration_rows": 8})
+    assert (req["spec"], req["rows"]) == (str(mine), 8)
+    assert [q for q in QUANTS if calibration_request(q, {})] == list(CALIBRATED)
+    with pytest.raises(InputError, match="does not exist"):
+        calibration_request("int4-gptq", {"calibration_data": str(tmp_path / "nope.jsonl")})
 
 
 def test_default_quant_from_an_adapter_calibrates_on_its_training_data(adapter, tmp_path):
     """The default ONNX quant (int4-gptq) through the export stage with no calibration option:
     the rows come from the data the adapter's manifest names, and the manifest says so."""
-    from edgeqlora import exporters
-    from edgeqlora.data import dataset_sha256
+    from edgeqlora.export import export_adapter
     from edgeqlora.exporters.onnx import CALIBRATED, DEFAULT_QUANT
+    from edgeqlora.rows import dataset_sha256
 
-    m = exporters.export("onnx", adapter, tmp_path / "export", merge_base="original",
-                         eval_tokens=64, calibration_rows=4)
+    m = export_adapter(adapter, tmp_path / "export", target="onnx", merge_base="original",
+                       eval_tokens=64, calibration_rows=4)
     assert m["quant"] == DEFAULT_QUANT
     if DEFAULT_QUANT in CALIBRATED:
         cal = m["exporter"]["recipe"]["calibration"]

@@ -20,16 +20,16 @@ pytestmark = pytest.mark.skipif(not (has_module("onnx") and has_module("onnxrunt
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, embedded_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("onnxrt-tiny"), embedded_dir, seed=3)
+def tiny(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("onnxrt-tiny"), tokenizer_dir, seed=3)
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, tiny) -> Path:
-    from edgeqlora.exporters.onnx import export_merged
+    from edgeqlora.export import export_merged
 
     out = tmp_path_factory.mktemp("onnxrt") / "fp32"
-    export_merged(tiny, out, "fp32", eval_tokens=64, context_length=128)
+    export_merged(tiny, out, target="onnx", quant="fp32", eval_tokens=64, context_length=128)
     return out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeqlora import metrics as PM
 from edgeqlora import parity as P
 from edgeqlora.artifacts import write_manifest
 from edgeqlora.errors import InputError, ParityError
@@ -34,30 +35,30 @@ def test_metric_functions_match_torch():
     ref, cand = _random_logits(0), _random_logits(1)
     targets = np.random.default_rng(2).integers(0, ref.shape[1], size=ref.shape[0])
     tr, tc = torch.tensor(ref, dtype=torch.float64), torch.tensor(cand, dtype=torch.float64)
-    assert np.allclose(P.log_softmax(ref), F.log_softmax(tr, -1).numpy(), atol=1e-10)
+    assert np.allclose(PM.log_softmax(ref), F.log_softmax(tr, -1).numpy(), atol=1e-10)
     expected_kld = F.kl_div(F.log_softmax(tc, -1), F.log_softmax(tr, -1), log_target=True,
                             reduction="none").sum(-1).numpy()
-    assert np.allclose(P.kl_divergence(ref, cand), expected_kld, atol=1e-10)
-    assert P.top1_agreement(ref, cand) == pytest.approx(
+    assert np.allclose(PM.kl_divergence(ref, cand), expected_kld, atol=1e-10)
+    assert PM.top1_agreement(ref, cand) == pytest.approx(
         float((tr.argmax(-1) == tc.argmax(-1)).double().mean()))
     ce = F.cross_entropy(tc, torch.tensor(targets), reduction="none").numpy()
-    assert np.allclose(P.nll(cand, targets), ce, atol=1e-10)
-    assert P.perplexity(cand, targets) == pytest.approx(float(np.exp(ce.mean())), rel=1e-10)
+    assert np.allclose(PM.nll(cand, targets), ce, atol=1e-10)
+    assert PM.perplexity(cand, targets) == pytest.approx(float(np.exp(ce.mean())), rel=1e-10)
 
 
 def test_metric_properties_and_shapes():
     x = _random_logits(3)
-    assert np.all(P.kl_divergence(x, x) == 0.0)
-    assert P.kl_divergence(x, x + 3.0).max() < 1e-12  # shift-invariant
-    assert P.top1_agreement(x, x) == 1.0
+    assert np.all(PM.kl_divergence(x, x) == 0.0)
+    assert PM.kl_divergence(x, x + 3.0).max() < 1e-12  # shift-invariant
+    assert PM.top1_agreement(x, x) == 1.0
     uniform = np.zeros((4, 10))
-    assert P.perplexity(uniform, [1, 2, 3, 4]) == pytest.approx(10.0)
-    assert P.kl_divergence(x[0], x[0] * 2).shape == (1,)  # a single row works too
+    assert PM.perplexity(uniform, [1, 2, 3, 4]) == pytest.approx(10.0)
+    assert PM.kl_divergence(x[0], x[0] * 2).shape == (1,)  # a single row works too
     with pytest.raises(InputError, match="differ in shape"):
-        P.kl_divergence(x, x[:, :-1])
+        PM.kl_divergence(x, x[:, :-1])
     with pytest.raises(InputError, match="targets"):
-        P.nll(x, [0, 1])
-    s = P.summarize(np.arange(101, dtype=float), np.ones(101, bool), np.zeros(5), np.ones(5))
+        PM.nll(x, [0, 1])
+    s = PM.summarize(np.arange(101, dtype=float), np.ones(101, bool), np.zeros(5), np.ones(5))
     assert s["p99_kld"] == pytest.approx(99.0) and s["mean_kld"] == pytest.approx(50.0)
     assert s["ppl_ratio"] == pytest.approx(np.e)
 
@@ -119,7 +120,7 @@ def _task(n=4) -> P.TaskSet:
 
 def test_distinct_positions_count_a_shared_prompt_once():
     seqs = [[5, 6, 7, 1], [5, 6, 7, 2, 3], [5, 6, 7, 1], [9, 6]]
-    masks = P.distinct_positions(seqs)
+    masks = PM.distinct_positions(seqs)
     assert [m.tolist() for m in masks] == [[True] * 4, [False] * 3 + [True] * 2,
                                            [False] * 4, [True, True]]
     # The accumulator drops the repeated contexts from every metric.
@@ -288,7 +289,7 @@ def test_cli_parity_exit_codes(tmp_path, fake_adapter, embedded_runtime, monkeyp
 
 
 @pytest.mark.slow
-def test_parity_real_reference_vs_gguf_export(tmp_path, tiny_model_dir, embedded_dir):
+def test_parity_real_reference_vs_gguf_export(tmp_path, tiny_model_dir, tokenizer_dir):
     pytest.importorskip("llama_cpp")
     import sys
 
@@ -302,7 +303,7 @@ def test_parity_real_reference_vs_gguf_export(tmp_path, tiny_model_dir, embedded
     adapter = make_adapter(tmp_path / "adapter", tiny_model_dir)
     good = tmp_path / "export-q8_0"
     export_adapter(adapter, good, target="gguf", quant="q8_0")
-    other = build_tiny_model(tmp_path / "other-base", embedded_dir, seed=7)
+    other = build_tiny_model(tmp_path / "other-base", tokenizer_dir, seed=7)
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     write_model_gguf(other, damaged / "model.f16.gguf", "f16")

@@ -8,7 +8,7 @@ in) are graph inputs. An adapter file in onnxruntime's ``AdapterFormat`` holds t
 without reloading the base. The inputs default to rank-0 tensors ([in, 0] / [0, out]): with no
 adapter bound the base runs alone.
 
-The base MatMuls are quantized as in a merged export (``onnx.quantize``) first; the LoRA path is
+The base MatMuls are quantized as in a merged export (``quantize.py``) first; the LoRA path is
 inserted after (onnxruntime's quantizer folds initializer-backed graph inputs into plain
 initializers), so it stays fp32, as trained.
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeqlora.errors import ConfigError
+
+from .recipes import MODEL_FILE
 
 ADAPTER_FILE = "adapter.onnx_adapter"
 # The exported linear layers' MatMuls, before or after weight quantization (MatMulNBits nodes
@@ -111,21 +113,19 @@ def adapter_params(lora: dict[str, tuple[Any, Any, float]]) -> dict[str, Any]:
     return params
 
 
-def write_adapter_file(adapter_dir: str | Path, path: str | Path,
+def write_adapter_file(lora: dict[str, tuple[Any, Any, float]], path: str | Path,
                        base_export: str | Path | None = None) -> dict[str, Any]:
-    """Write another trained adapter (same base, same target modules) as an adapter file for an
-    existing adapter-only ONNX export, so a device can switch to it without a new base. With
-    ``base_export`` the names and shapes are checked against that export's graph first."""
+    """Write another trained adapter's LoRA deltas (same base, same target modules; the format
+    of ``add_lora_inputs``) as an adapter file for an existing adapter-only ONNX export, so a
+    device can switch to it without a new base. With ``base_export`` the names and shapes are
+    checked against that export's graph first."""
     from edgeqlora.errors import InputError
-    from edgeqlora.merge import read_adapter
 
-    adapter = read_adapter(adapter_dir)
-    lora = {k: (d.A.numpy(), d.B.numpy(), d.scale) for k, d in adapter.deltas.items()}
     params = adapter_params(lora)
     if base_export is not None:
         import onnx
 
-        model = onnx.load(str(Path(base_export) / "model.onnx"), load_external_data=False)
+        model = onnx.load(str(Path(base_export) / MODEL_FILE), load_external_data=False)
         dims = {t.name: list(t.dims) for t in model.graph.initializer
                 if t.name.startswith("lora.")}
         problems = [name for name in params if name not in dims] + \
@@ -133,7 +133,7 @@ def write_adapter_file(adapter_dir: str | Path, path: str | Path,
              (dims[name][0] if name.endswith(".A") else dims[name][1])
              != (v.shape[0] if name.endswith(".A") else v.shape[1])]
         if problems:
-            raise InputError(f"adapter {adapter_dir} does not fit the base export {base_export}: "
-                             f"{', '.join(problems[:3])} missing or of another shape (the base was "
-                             "exported for other target modules or another model)")
+            raise InputError(f"the adapter does not fit the base export {base_export}: "
+                             f"{', '.join(problems[:3])} missing or of another shape (the base "
+                             "was exported for other target modules or another model)")
     return write_adapter(params, Path(path))

@@ -1,4 +1,4 @@
-"""Calibrated int4 for the ONNX exporter: GPTQ on the fine-tuning data, and HQQ (data-free).
+"""Calibrated int4 for the ONNX exporter: GPTQ on calibration sequences, and HQQ (data-free).
 
 Round-to-nearest int4 loses a lot on a 135M model (KLD ~0.4 vs fp32 on SmolLM2-135M). Two
 onnxruntime algorithms do better at the same size:
@@ -7,7 +7,8 @@ onnxruntime algorithms do better at the same size:
   weight column is rounded in turn and its rounding error is pushed onto the columns not yet
   rounded, weighted by the inverse Hessian ``H = 2 X^T X`` of that MatMul's inputs ``X``. The
   inputs come from **calibration sequences: rows of the data the adapter was fine-tuned on**,
-  chat template applied exactly as in training (never the held-out split, which measures it).
+  tokenized exactly as in training (never the held-out split, which measures it); the export
+  stage makes them with ``edgeqlora.heldout.calibration_sequences`` and passes them in.
 - **HQQ** (half-quadratic quantization, onnxruntime's ``HQQWeightOnlyQuantizer``): no data; it
   optimises each block's zero point for the weight error. It writes zero points, so its output
   head cannot be shared with the embedding table.
@@ -34,53 +35,17 @@ library's ``make_matmul_weight_only_node``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 from edgeqlora.errors import ConfigError, InputError
 
-# Calibration rows by default: ~4k tokens of SmolLM2-chat-templated smart-home commands, more
-# than the widest MatMul input (1536) so every Hessian is full rank before damping.
-DEFAULT_ROWS = 64
-MAX_LEN = 256
+from .graph import add_ms_domain, weight_matmuls
+
 # GPTQ's own settings: the library defaults (damping 1 % of the mean Hessian diagonal, 128-column
 # lazy-update blocks), no activation reordering (reordering would permute the quantization
 # blocks, which MatMulNBits stores in input order).
 PERCDAMP = 0.01
 LAZY_BLOCK = 128
-
-
-def calibration_sequences(tokenizer, spec: str, rows: int, max_len: int = MAX_LEN
-                          ) -> tuple[list[list[int]], dict[str, Any]]:
-    """Token ids of the first ``rows`` conversations of the data spec ``spec`` (chat template
-    applied as in training, each cut at ``max_len``), and a record for the manifest: spec, rows,
-    tokens, sha256 of the ids, and the dataset's own sha256 (the one the adapter manifest has)."""
-    from edgeqlora.data import dataset_sha256, load_dataset
-
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"calibration_rows={rows!r} must be an integer >= 1")
-    data = load_dataset(spec)  # DataError/InputError name the source and why it is unusable
-    seqs = []
-    for row in data.rows:
-        messages = row.get("messages")
-        if not messages:
-            continue
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)[:max_len]
-        if len(ids) >= 2:
-            seqs.append(ids)
-        if len(seqs) == rows:
-            break
-    if not seqs:
-        raise InputError(f"calibration data {spec}: no row is a chat conversation of 2+ tokens "
-                         f"({len(data.rows)} rows read); pass calibration_data= a chat dataset, "
-                         "e.g. the one the adapter was trained on")
-    digest = hashlib.sha256(json.dumps(seqs, separators=(",", ":")).encode()).hexdigest()
-    return seqs, {"data": str(spec), "data_sha256": dataset_sha256(spec), "rows": len(seqs),
-                  "tokens": sum(len(s) for s in seqs), "max_len": max_len,
-                  "ids_sha256": digest}
 
 
 def _empty_feed(model, ids: list[int]) -> dict[str, Any]:
@@ -136,8 +101,9 @@ def gptq_blockwise(weight, hessian, bits: int = 4, group_size: int = 32,
     onnxruntime's ``neural_compressor.weight_only.gptq`` (scheme "sym", perchannel, no actorder,
     no mse) with its error propagation corrected (see the module docstring); it returns only the
     fake-quantized weight, this also returns what MatMulNBits stores. Returns
-    ``(codes, scales, dequantized)``: ``codes`` uint8 ``[K, N]`` in ``0..2**bits-1`` (zero point ``2**(bits-1)``, MatMulNBits' implicit one),
-    ``scales`` float32 ``[ceil(K/group_size), N]``, ``dequantized = scales * (codes - zp)``."""
+    ``(codes, scales, dequantized)``: ``codes`` uint8 ``[K, N]`` in ``0..2**bits-1`` (zero
+    point ``2**(bits-1)``, MatMulNBits' implicit one), ``scales`` float32
+    ``[ceil(K/group_size), N]``, ``dequantized = scales * (codes - zp)``."""
     import numpy as np
 
     w = np.array(weight, dtype=np.float32, copy=True)
@@ -201,8 +167,6 @@ def apply_gptq(model, sequences: list[list[int]], bits: int, block_size: int,
     from onnxruntime.quantization.neural_compressor.weight_only import (
         make_matmul_weight_only_node)
 
-    from .onnx import weight_matmuls
-
     if bits != 4:
         raise ConfigError(f"GPTQ here writes 4-bit MatMulNBits, not {bits}-bit")
     nodes = weight_matmuls(model)
@@ -245,10 +209,7 @@ def apply_gptq(model, sequences: list[list[int]], bits: int, block_size: int,
             new_nodes.append(node)
     model.graph.ClearField("node")
     model.graph.node.extend(new_nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        from onnx import helper
-
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    add_ms_domain(model)
     return len(replaced)
 
 
@@ -263,11 +224,3 @@ def apply_hqq(model, bits: int, block_size: int):
     q.process()
     return q.model.model
 
-
-def resolve_calibration(spec: str | None, quant: str) -> str:
-    if not spec:
-        raise ConfigError(f"quant={quant} calibrates on data: give calibration_data= a data "
-                          "spec (CLI: --calibration-data), normally the data the adapter was "
-                          "trained on, e.g. embedded:iot or a .jsonl file")
-    p = Path(str(spec))
-    return str(p) if p.exists() else str(spec)

@@ -1,0 +1,61 @@
+"""Argument groups and helpers that more than one command shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE.yaml] [key=value ...]",
+                   help="an optional YAML recipe, then key=value overrides (they win)")
+
+
+def split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[RECIPE.yaml] key=value ...`` -> (recipe or None, overrides)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def load_cfg(args):
+    from ..config import load_config
+
+    recipe, overrides = split_recipe(args.recipe_and_overrides)
+    return load_config(recipe, overrides)
+
+
+def show_progress() -> bool:
+    """Progress bars only for a person watching: not in a log file or a pipe."""
+    return sys.stderr.isatty()
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export", help="an export directory (manifest.json) or a .gguf file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores but one; EDGEQLORA_THREADS overrides)")
+    p.add_argument("--n-ctx", type=int, default=None, help="context window in tokens "
+                   "(default 2048)")
+    p.add_argument("--lora", default=None, metavar="ADAPTER",
+                   help="a LoRA adapter to apply on the base at load time: a GGUF LoRA for a "
+                        "GGUF base, an onnxruntime adapter file for an ONNX base exported with "
+                        "LoRA inputs")
+    p.add_argument("--lora-scale", type=float, default=None,
+                   help="GGUF only: the adapter's strength (default 1.0)")
+
+
+def load_runtime(args):
+    """The export in ``args.export`` loaded through its runtime (torch-free); flags left unset
+    fall back to the runtime's own defaults."""
+    from ..runtimes import load
+
+    kwargs = {}
+    if args.threads is not None:
+        kwargs["n_threads"] = args.threads
+    if args.n_ctx is not None:
+        kwargs["n_ctx"] = args.n_ctx
+    if args.lora is not None:
+        kwargs["lora_path"] = args.lora
+    if args.lora_scale is not None:
+        kwargs["lora_scale"] = args.lora_scale
+    return load(args.export, **kwargs)

@@ -1,0 +1,28 @@
+"""``edgeqlora quickstart``: the embedded model and task, trained, exported, parity-checked, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._common import add_config_args, split_recipe
+
+HELP = "embedded model + task: train, export, parity, demo"
+
+
+def add_arguments(p) -> None:
+    add_config_args(p)
+    p.add_argument("--out", default="runs/quickstart", help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--full", action="store_true",
+                   help="the full-size run even on CPU (default: sized to the machine)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted quickstart in --out from its last checkpoint")
+
+
+def run(args) -> int:
+    from ..quickstart import quickstart
+
+    recipe, overrides = split_recipe(args.recipe_and_overrides)
+    quickstart(Path(args.out), recipe=recipe, overrides=overrides, force=args.force,
+               full=args.full, resume=args.resume)
+    return 0

@@ -1,0 +1,39 @@
+"""``edgeqlora serve EXPORT``: an OpenAI-compatible HTTP server over an export, web chat at /."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ._common import add_runtime_args, load_runtime
+
+HELP = "OpenAI-compatible HTTP server over an export, with a web chat page at /"
+
+
+def add_arguments(p) -> None:
+    add_runtime_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default loopback only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-id", default=None, help="model name in /v1/models (default: "
+                   "the export's name)")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted")
+
+
+def run(args) -> int:
+    from ..runtimes.serve import create_app, serve
+
+    rt = load_runtime(args)
+    try:
+        model_id = args.model_id or Path(args.export).resolve().name
+        create_app(rt, model_id, args.max_body_bytes, args.max_tokens)  # check the limits first
+        print(f"serving {args.export} as '{model_id}' on http://{args.host}:{args.port}/ "
+              "(OpenAI API under /v1)", file=sys.stderr)
+        serve(rt, host=args.host, port=args.port, model_id=model_id,
+              max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens)
+    finally:
+        rt.close()
+    return 0

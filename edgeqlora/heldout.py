@@ -1,0 +1,166 @@
+"""Held-out and calibration rows: what every measurement and every calibrated quantizer reads.
+
+Torch-free (part of the core): the tokenizer is passed in, any object with Hugging Face's
+``apply_chat_template`` / ``__call__`` interface.
+
+- ``heldout_conversations`` / ``heldout_sequences``: conversations the adapter was not trained
+  on, chosen as the trainer chooses its eval rows, and their token ids (chat template applied as
+  in training). Export verification, the merge-base choice and the parity gate measure on them.
+- ``verification_texts``: held-out prompts as the device renders them plus ``TOKENIZER_PROBES``,
+  texts whose tokenization must survive an export byte for byte.
+- ``calibration_sequences``: the one way calibration rows are made, for the GGUF importance
+  matrix and ONNX GPTQ alike: the first rows of a data spec tokenized exactly as the trainer
+  tokenizes them (``rows.tokenize_dataset``: chat rows through the chat template, plain-text rows
+  as text), with a record for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DataError, InputError
+
+# Text whose tokenization must survive the export byte for byte, besides the held-out prompts:
+# digits, whitespace runs, unicode, special tokens in text.
+TOKENIZER_PROBES = (
+    "Set the thermostat to 21.5 degrees at 07:45, then 1234567 and 3.14159.",
+    "  leading spaces\tand\ttabs\n\nnew lines  ",
+    "ünïcødé — «quotes» 😀 中文 русский",
+    "<|im_start|>user\nturn on the lamp<|im_end|>\n<|im_start|>assistant\n",
+)
+EMBEDDED_EVAL = "embedded:iot:eval"
+
+
+def training_data_spec(manifest: dict[str, Any]) -> str:
+    """The data spec an adapter was trained on, as its manifest records it ("" if none)."""
+    config = manifest.get("config") or {}
+    return str((manifest.get("data") or {}).get("spec") or config.get("data") or "")
+
+
+def heldout_conversations(manifest: dict[str, Any], n: int = 64) -> list[list[dict]]:
+    """Held-out chat conversations for the data the adapter was trained on, chosen as the
+    trainer chooses its eval rows: the config's ``eval_data``, else the embedded task's held-out
+    split (``embedded:iot:eval``) for embedded data, else the embedded held-out split as generic
+    text (any text the model was not trained on measures agreement)."""
+    from .rows import load_dataset
+
+    config = manifest.get("config") or {}
+    data_spec = training_data_spec(manifest)
+    spec = config.get("eval_data") or (EMBEDDED_EVAL if data_spec.startswith("embedded:")
+                                       or not data_spec else "")
+    rows = [r for r in load_dataset(spec or EMBEDDED_EVAL).rows if r.get("messages")]
+    return [r["messages"] for r in rows[:n]]
+
+
+def chat_ids(tokenizer, messages: list[dict], **kwargs: Any) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template (a plain list, whatever
+    the tokenizer class returns)."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def heldout_sequences(manifest: dict[str, Any], tokenizer, n_tokens: int = 2048,
+                      max_len: int = 256) -> list[list[int]]:
+    """Token id sequences (one per held-out conversation, chat template applied as in training)
+    totalling about ``n_tokens``."""
+    seqs, total = [], 0
+    for messages in heldout_conversations(manifest, n=max(8, n_tokens // 32)):
+        ids = chat_ids(tokenizer, messages)[:max_len]
+        if len(ids) < 2:
+            continue
+        seqs.append(ids)
+        total += len(ids)
+        if total >= n_tokens:
+            break
+    if not seqs:
+        raise InputError("no held-out text to measure with (the held-out split is empty)")
+    return seqs
+
+
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """A held-out conversation as the device will see it: the chat template up to the answer."""
+    prompt = [m for m in messages if m.get("role") != "assistant"]
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def verification_texts(manifest: dict[str, Any], tokenizer, n: int = 16) -> list[str]:
+    """The texts an export's tokenizer must tokenize exactly as the trained model's."""
+    return [prompt_text(tokenizer, m) for m in heldout_conversations(manifest, n)] + \
+        list(TOKENIZER_PROBES)
+
+
+def check_rows(rows: Any, what: str = "calibration rows") -> int:
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"{what}={rows!r} must be an integer >= 1")
+    return rows
+
+
+def calibration_sequences(tokenizer, spec: str | Path, rows: int, max_len: int,
+                          what: str = "calibration data") -> tuple[list[list[int]],
+                                                                   dict[str, Any]]:
+    """Token ids of the first ``rows`` usable rows of the data spec ``spec``, tokenized as in
+    training (each cut at ``max_len``), and a record for the manifest: spec, rows, tokens,
+    sha256 of the ids and the dataset's own sha256 (the one the adapter manifest has).
+
+    Bad or empty data is one line naming ``what`` and the source."""
+    from .rows import dataset_sha256, load_dataset, tokenize_dataset
+
+    check_rows(rows, f"{what} rows")
+    try:
+        data = load_dataset(spec)
+        # Rows longer than max_len are cut, as tokenize_dataset cuts (never dropped here).
+        examples = tokenize_dataset(tokenizer, data.rows[:rows], max_len).examples
+    except DataError as exc:
+        raise DataError(f"{what} {spec}: {exc}") from None
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    seqs = [list(ex["input_ids"]) for ex in examples if len(ex["input_ids"]) >= 2]
+    if not seqs:
+        raise DataError(f"{what} {spec}: no row gives 2+ tokens ({len(data.rows)} rows read)")
+    digest = hashlib.sha256(json.dumps(seqs, separators=(",", ":")).encode()).hexdigest()
+    return seqs, {"data": str(spec), "data_sha256": dataset_sha256(spec), "rows": len(seqs),
+                  "tokens": sum(len(s) for s in seqs), "max_len": max_len,
+                  "ids_sha256": digest}
+
+
+class VerifySet:
+    """What an exporter verifies its files against (built by the export stage, plain data):
+
+    - ``sequences``: held-out token id sequences;
+    - ``keeps``: per sequence, the positions that count (``metrics.distinct_positions``);
+    - ``logits(i)``: the reference model's logits ``[len(sequences[i]), vocab]`` (float32
+      numpy) on sequence ``i``, computed when first asked for and then kept;
+    - ``texts`` and ``text_ids(text, add_special_tokens)``: texts whose tokenization must
+      match, and the reference tokenizer's ids for them;
+    - ``label``: what the reference is ("merged model", "trained model (NF4 + LoRA)").
+    """
+
+    def __init__(self, sequences: list[list[int]], logits, texts: list[str], text_ids,
+                 label: str = "merged model"):
+        from .metrics import distinct_positions
+
+        self.sequences, self.texts, self.label = sequences, list(texts), label
+        self.keeps = distinct_positions(sequences)
+        self._logits, self._cache, self.text_ids = logits, {}, text_ids
+
+    def preload(self, logits: list) -> None:
+        """Reference logits already computed for every sequence, in order."""
+        self._cache.update(enumerate(logits))
+
+    def logits(self, i: int):
+        if i not in self._cache:
+            self._cache[i] = self._logits(self.sequences[i])
+        return self._cache[i]
+
+    def agreement(self, candidate_logits) -> dict[str, float]:
+        """Top-1 and mean KL of ``candidate_logits(i)`` against the reference over every
+        sequence's distinct positions, one sequence at a time."""
+        from .metrics import Agreement
+
+        acc = Agreement()
+        for i, keep in enumerate(self.keeps):
+            acc.add(self.logits(i)[keep], candidate_logits(i)[keep])
+        return acc.result()

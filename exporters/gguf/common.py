@@ -1,0 +1,80 @@
+"""What every module of the GGUF exporter shares: the quant type names, the llama-cpp-python
+check, the tokenizer files copied beside a model, progress bars and write errors.
+
+A leaf: it imports no sibling, so any module of the package may import it without a cycle.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from edgeqlora.errors import ConfigError, ExportError, MissingDependencyError
+
+# Written tensor by tensor with gguf's numpy quantizers; no llama.cpp needed.
+DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# llama.cpp's K-quant mixes: name -> llama_cpp ftype constant (its type choice and kernels).
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+            "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M"}
+QUANTS = DIRECT_QUANTS + tuple(K_QUANTS)
+DEFAULT_QUANT = "q4_k_m"
+ADAPTER_QUANTS = ("f32", "f16", "q8_0")
+LLAMA_CPP_INSTALL = "pip install 'edgeqlora[gguf]'  (or: pip install llama-cpp-python)"
+# The Hugging Face tokenizer files an export carries beside the model. The same list as
+# edgeqlora.merge.TOKENIZER_FILES (a test pins it): exporters may not import the merge stage.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")
+
+
+def has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def check_quant(quant: str, adapter_only: bool = False) -> str:
+    """Normalise and validate ``quant`` before any work starts."""
+    q = quant.strip().lower()
+    if q not in QUANTS:
+        raise ConfigError(f"quant={quant!r} is not a GGUF quant type; valid: {', '.join(QUANTS)}")
+    if q in K_QUANTS and not has_llama_cpp():
+        raise MissingDependencyError(
+            f"quant={q} (a K-quant) needs llama.cpp's quantizer from llama-cpp-python, which is "
+            f"not installed: {LLAMA_CPP_INSTALL}; or pick one written without it: "
+            f"{', '.join(DIRECT_QUANTS)}")
+    return q
+
+
+def check_adapter_quant(quant: str) -> str:
+    q = quant.strip().lower()
+    if q not in ADAPTER_QUANTS:
+        raise ConfigError(f"adapter quant={quant!r} is not one of {', '.join(ADAPTER_QUANTS)}")
+    return q
+
+
+def progress(items, what: str, enabled: bool):
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=what, transient=True)
+
+
+def write_error(path: Path, exc: OSError) -> ExportError:
+    if exc.errno == errno.ENOSPC:
+        return ExportError(f"disk full while writing {path}; free space on that disk and run "
+                           "the export again (nothing was kept)")
+    return ExportError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def disk_full(path: Path) -> bool:
+    """Whether the disk holding ``path`` is (nearly) full: llama.cpp's quantizer reports a
+    failed write only as a return code."""
+    try:
+        st = os.statvfs(path.parent)
+        return st.f_bavail * st.f_frsize < 16 << 20
+    except OSError:
+        return False

@@ -1,0 +1,135 @@
+"""torch -> fp32 ONNX: the transformers model traced with its KV cache as explicit tensors, and
+the small helpers that find its parts (weight MatMuls, the embedding Gather), save it and
+say which step runs.
+
+``torch.onnx.export`` (the TorchScript exporter) of the transformers model wrapped so the cache
+is explicit: inputs ``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values.{i}.key/value``; outputs ``logits`` and ``present.{i}.key/value`` -- the
+names onnxruntime-genai's ``decoder`` expects. Exporting the model transformers itself runs
+keeps RoPE, GQA, biases (qwen2) and norms exactly as trained; a hand-built graph (as the genai
+model builder writes) could drift from the checkpoint silently (optimum-onnx 0.1.0 exports
+transformers-5 checkpoints with the wrong RoPE theta, for one). The TorchScript exporter writes
+the tied ``lm_head`` as its own pre-transposed weight, so it is quantized like any other MatMul.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+from .recipes import DATA_FILE, MODEL_FILE
+
+# The TorchScript exporter's newest opset. The 4-bit GatherBlockQuantized embedding needs opset 21
+# (int4 tensors) and the quantizer raises the import to 21 itself; 20 -> 21 only widens type
+# sets, while 17 -> 21 would leave ReduceMean with an ``axes`` attribute opset 18 removed.
+OPSET = 20
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids"] + past, ["logits"] + present
+
+
+def export_fp32(model_dir: Path, path: Path, opset: int = OPSET) -> dict[str, Any]:
+    """Trace the checkpoint into an fp32 ONNX decoder with an explicit KV cache at ``path``."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    class WithCache(torch.nn.Module):
+        """forward(ids, mask, positions, *past) -> (logits, *present): the cache as tensors."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(n_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers[:n_layers]:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    names_in, names_out = io_names(n_layers)
+    # Traced with a non-empty past and several new tokens so neither the prefill-only nor the
+    # single-token branch of the attention code is baked in; tests check both regimes.
+    batch, seq, past_len = 1, 3, 2
+    ids = torch.randint(0, min(cfg.vocab_size, 1000), (batch, seq))
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq)[None]
+    past = [torch.zeros(batch, n_kv, past_len, head_dim) for _ in range(2 * n_layers)]
+    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+               "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+               "position_ids": {0: "batch_size", 1: "sequence_length"},
+               "logits": {0: "batch_size", 1: "sequence_length"}}
+    dynamic.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in names_in[3:]})
+    dynamic.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in names_out[1:]})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches
+        torch.onnx.export(WithCache(model), (ids, mask, pos, *past), str(path),
+                          input_names=names_in, output_names=names_out,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    return {"num_hidden_layers": n_layers, "num_key_value_heads": n_kv,
+            "num_attention_heads": cfg.num_attention_heads, "head_size": head_dim,
+            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size}
+
+
+def initializers(model) -> dict[str, Any]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def embedding_gathers(model) -> list[Any]:
+    """Gather nodes reading a 2-D weight initializer (the token-embedding table)."""
+    inits = initializers(model)
+    return [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+            and len(inits[n.input[0]].dims) == 2]
+
+
+def weight_matmuls(model) -> list[Any]:
+    inits = initializers(model)
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2]
+
+
+def op_counts(model) -> dict[str, int]:
+    return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
+
+
+def add_ms_domain(model) -> None:
+    """Import the com.microsoft domain (contrib ops) if the graph does not yet."""
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def save(model, out_dir: Path) -> None:
+    """``model.onnx`` + every tensor of 1 KiB or more in ``model.onnx.data`` (protobuf cannot
+    hold a file over 2 GB; genai and our runtime read the pair)."""
+    import onnx
+
+    for stale in list(Path(out_dir).glob("model.onnx*")):
+        stale.unlink()
+    onnx.save_model(model, str(Path(out_dir) / MODEL_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+
+
+def step(what: str, enabled: bool) -> None:
+    """One line on stderr naming the slow step that starts (``progress=True``)."""
+    if enabled:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[dim]{what}...[/dim]")
