@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from . import export_device as D
+from . import export_inputs as inputs
 from .artifacts import atomic_dir, prepare_output, versions, write_manifest
-from .errors import (ConfigError, DataError, EdgeQloraError, ExportError, InputError,
-                     ParityError, require)
-from .heldout import VerifySet, heldout_sequences, training_data_spec, verification_texts
+from .errors import (ConfigError, EdgeQloraError, ExportError, InputError,
+                     ParityError)
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,12 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     adapter = M.read_adapter(adapter_dir)
     M.check_fit(adapter)
     if from_adapter:
-        lora_keys = _check_from_adapter(adapter, from_adapter[0])
+        lora_keys = inputs.check_from_adapter(adapter, from_adapter[0])
     else:
         lora_keys = list(adapter.deltas) if adapter_only else None
     # Target-specific refusals (architecture, adapter layout) before the slow part.
     exporter.check_model(adapter.base_dir, lora_keys=lora_keys)
-    requests = _calibration_requests(exporter, candidates, options, adapter.manifest)
+    requests = inputs.calibration_requests(exporter, candidates, options, adapter.manifest)
     plan: list[tuple[str, Any]] = [(q, None) for q in candidates]
     if profile is not None:
         plan = D.plan(adapter.base_dir, target, candidates, profile, context, options, tried,
@@ -129,8 +129,8 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     scratch = _scratch(out_dir)
     try:
         if from_adapter:
-            model_dir, lora, merge_record = _from_adapter_inputs(M, adapter, scratch, options)
-            reference = _trained_reference(adapter, model_dir, eval_tokens)
+            model_dir, lora, merge_record = inputs.from_adapter_inputs(adapter, scratch, options)
+            reference = inputs.trained_reference(adapter, model_dir, eval_tokens)
         else:
             merged = scratch / "merged"
             merged.mkdir()
@@ -142,8 +142,8 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                 model_dir = scratch / "base"
                 model_dir.mkdir()
                 M.write_merged(adapter, model_dir, result.merge_base, with_lora=False)
-                lora = _lora_arrays(adapter)
-            reference = _merged_reference(merged, adapter.manifest, eval_tokens,
+                lora = inputs.lora_arrays(adapter)
+            reference = inputs.merged_reference(merged, adapter.manifest, eval_tokens,
                                           known=getattr(result, "logits", None))
         base_record = {
             "target": target,
@@ -158,7 +158,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                 "quant": adapter.quant,
             },
         }
-        calibrations = _Calibrations(requests, model_dir)
+        calibrations = inputs.Calibrations(requests, model_dir)
         gate = _Gate(adapter_dir, cfg, parity, progress, shared=len(plan) > 1)
         for q, predicted in plan:
             if profile is not None:
@@ -202,15 +202,15 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, target: str = "onn
                           "and unmerged LoRA), not from a merged checkpoint; pass the adapter "
                           "directory instead")
     options = exporter.check_options(options)
-    requests = _calibration_requests(exporter, [quant], options, {})
+    requests = inputs.calibration_requests(exporter, [quant], options, {})
     exporter.check_model(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir} has no tokenizer.json; an export ships the Hugging Face "
                          "tokenizer beside the model (copy tokenizer.json, tokenizer_config.json "
                          "and the chat template from the base model)")
     _prepare(out_dir, force)
-    calibration = _Calibrations(requests, model_dir).get(quant)
-    reference = _merged_reference(model_dir, {}, eval_tokens, n_texts=8)
+    calibration = inputs.Calibrations(requests, model_dir).get(quant)
+    reference = inputs.merged_reference(model_dir, {}, eval_tokens, n_texts=8)
     job = _Job(exporter, quant, model_dir, None, None, calibration, reference,
                {**exporter.default_thresholds(quant), **(thresholds or {})}, options, progress)
     record = {"target": target, "adapter_only": False, "merge": None,
@@ -357,144 +357,3 @@ def _say(enabled: bool, message: str) -> None:
     log.info(message)
     if enabled:
         print(message, file=sys.stderr)
-
-
-def _lora_arrays(adapter) -> dict[str, tuple[Any, Any, float]]:
-    """The adapter's deltas as plain arrays, the form the exporters take."""
-    return {k: (d.A.float().numpy(), d.B.float().numpy(), d.scale)
-            for k, d in adapter.deltas.items()}
-
-
-def _check_from_adapter(adapter, quant: str) -> list[str]:
-    """Refusals for a quant made from the trained adapter itself (ONNX nf4-exact)."""
-    from .merge import is_quantized_weight
-
-    require("bitsandbytes", "train", f"{quant} export (the NF4 codes come from bitsandbytes)")
-    outside = [k for k, d in adapter.deltas.items()
-               if d.embedding or not is_quantized_weight(k, [1, 1])]
-    if outside:
-        raise ConfigError(f"{quant} keeps LoRA unmerged on the 4-bit linear layers only; "
-                          f"{adapter.dir} also adapts {', '.join(outside[:3])}: use --quant "
-                          "int8 or fp16 (merged) for this adapter")
-    return list(adapter.deltas)
-
-
-def _from_adapter_inputs(M, adapter, scratch: Path, options: dict[str, Any]):
-    """The unmerged original base, the LoRA deltas and the 4-bit layout of the trained model:
-    what an exporter needs to write the trained model as trained."""
-    base = scratch / "base"
-    base.mkdir()
-    M.write_merged(adapter, base, "original", "float32", with_lora=False)
-    quantized = [name for _, name, shape, _ in M.tensor_specs(adapter.base_dir)
-                 if M.is_quantized_weight(name, shape)]
-    options.update(base_quant=dict(adapter.quant), quantized=quantized)
-    return base, _lora_arrays(adapter), None
-
-
-def _calibration_requests(exporter, quants: list[str], options: dict[str, Any],
-                          manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each quant's calibration request with ``auto`` resolved to the adapter's training data;
-    a spec that names nothing here fails now, before the merge."""
-    from .rows import check_spec
-
-    out = {}
-    for q in quants:
-        req = exporter.calibration_request(q, options)
-        if req is None:
-            continue
-        req = dict(req)
-        if req["spec"] in (None, "", "auto"):
-            spec = training_data_spec(manifest)
-            if not spec:
-                raise InputError(f"{req['what']}: 'auto' means the adapter's training data, and "
-                                 "there is none recorded here; pass a data spec (a .jsonl file "
-                                 "or embedded:iot)")
-            req["spec"], req["source"] = spec, "auto (the adapter's training data)"
-        try:
-            check_spec(req["spec"])
-        except (InputError, DataError) as exc:
-            raise type(exc)(f"{req['what']}: {exc}") from None
-        out[q] = req
-    return out
-
-
-class _Calibrations:
-    """Calibration rows made once per distinct request, with the checkpoint's tokenizer."""
-
-    def __init__(self, requests: dict[str, dict[str, Any]], model_dir: Path):
-        self.requests, self.model_dir, self._made = requests, model_dir, {}
-
-    def get(self, quant: str):
-        from .heldout import calibration_sequences
-
-        req = self.requests.get(quant)
-        if req is None:
-            return None
-        key = (req["spec"], req["rows"], req["max_len"])
-        if key not in self._made:
-            seqs, record = calibration_sequences(_tokenizer(self.model_dir), req["spec"],
-                                                 req["rows"], req["max_len"], req["what"])
-            if req.get("source"):
-                record["source"] = req["source"]
-            self._made[key] = (seqs, record)
-        return self._made[key]
-
-
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-def _text_ids(tok):
-    return lambda text, special: list(tok(text, add_special_tokens=special)["input_ids"])
-
-
-def _merged_reference(merged: Path, manifest: dict[str, Any], eval_tokens: int,
-                      n_texts: int = 16, known: list | None = None) -> VerifySet:
-    """Held-out sequences and the merged checkpoint's fp32 logits on them: ``known`` (the
-    merge-base measurement already ran the merged model on the same sequences), else from the
-    model, loaded when an exporter first asks for logits and then kept for every quant tried."""
-    import torch
-
-    tok = _tokenizer(merged)
-    seqs = heldout_sequences(manifest, tok, eval_tokens)
-    holder: dict[str, Any] = {}
-
-    def logits(ids: list[int]):
-        from transformers import AutoModelForCausalLM
-
-        if "model" not in holder:
-            holder["model"] = AutoModelForCausalLM.from_pretrained(
-                merged, dtype=torch.float32).eval()
-        with torch.no_grad():
-            return holder["model"](torch.tensor([ids])).logits[0].numpy()
-
-    ref = VerifySet(seqs, logits, verification_texts(manifest, tok, n_texts), _text_ids(tok),
-                    label="merged model")
-    if known is not None and len(known) == len(seqs):
-        ref.preload(known)
-    return ref
-
-
-def _trained_reference(adapter, model_dir: Path, eval_tokens: int) -> VerifySet:
-    """Held-out sequences and the trained model's logits (4-bit base + LoRA, as trained)."""
-    import torch
-
-    from .qlora import dequantized_weights, load_trained
-
-    tok = _tokenizer(model_dir)
-    seqs = heldout_sequences(adapter.manifest, tok, eval_tokens)
-    holder: dict[str, Any] = {}
-
-    def logits(ids: list[int]):
-        if "model" not in holder:
-            holder["model"] = load_trained(adapter.dir, device="cpu")
-            # Dequantized once for every sequence (same outputs as bitsandbytes' CPU path).
-            holder["cache"] = dequantized_weights(holder["model"])
-            holder["cache"].__enter__()
-        with torch.no_grad():
-            return holder["model"](torch.tensor([ids])).logits[0].float().numpy()
-
-    return VerifySet(seqs, logits, verification_texts(adapter.manifest, tok, 0),
-                     _text_ids(tok), label="trained model (NF4 + LoRA)")

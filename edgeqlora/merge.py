@@ -467,7 +467,7 @@ def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
 
     from .heldout import heldout_sequences
     from .metrics import Agreement, distinct_positions
-    from .qlora import dequantized_weights, load_trained
+    from .qlora import dequantized_weights, forward_logits, load_trained
 
     trained = load_trained(adapter_dir, device="cpu")
     manifest = read_manifest(adapter_dir, kind="adapter")
@@ -475,22 +475,18 @@ def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
     seqs = heldout_sequences(manifest, tok, eval_tokens)
     keeps = distinct_positions(seqs)  # a shared prompt counts once
     # Dequantized once, not at every forward (bitsandbytes' CPU path; same outputs, tested).
-    with torch.no_grad(), dequantized_weights(trained):
-        ref = [trained(torch.tensor([ids])).logits[0].float().numpy()[keep]
-               for ids, keep in zip(seqs, keeps)]
+    with dequantized_weights(trained):
+        ref = forward_logits(trained, seqs, rows=keeps)
     del trained
     scores: dict[str, dict[str, Any]] = {}
     for name, path in candidates.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        acc, kept = Agreement(), []
-        with torch.no_grad():
-            for ids, keep, r in zip(seqs, keeps, ref):
-                cand = model(torch.tensor([ids])).logits[0].numpy()
-                acc.add(r, cand[keep])
-                if keep_logits:
-                    kept.append(cand)
+        acc = Agreement()
+        logits = forward_logits(model, seqs)
+        for r, cand, keep in zip(ref, logits, keeps):
+            acc.add(r, cand[keep])
         scores[name] = acc.result()
         if keep_logits:
-            scores[name]["logits"] = kept
-        del model
+            scores[name]["logits"] = logits
+        del model, logits
     return scores

@@ -186,7 +186,7 @@ class Runtime:
     n_ctx: int
     chat_template: ChatTemplate | None = None
 
-    # -- backend methods -----------------------------------------------------------------------
+    # backend methods
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; ``special=True`` turns control-token text into those tokens
@@ -213,7 +213,7 @@ class Runtime:
     def close(self) -> None:
         pass
 
-    # -- shared --------------------------------------------------------------------------------
+    # shared
 
     def __enter__(self):
         return self

@@ -155,7 +155,7 @@ class GGUFRuntime(Runtime):
                 out[name] = self._llm._model.token_get_text(int(raw))
         return out
 
-    # -- LoRA adapters -------------------------------------------------------------------------
+    # LoRA adapters
 
     def set_adapter(self, path: str | Path | None, scale: float = 1.0) -> None:
         """Apply the LoRA adapter GGUF at ``path`` (scaled by ``scale``) instead of the current
@@ -211,7 +211,7 @@ class GGUFRuntime(Runtime):
         self._lib.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
         self._lib.llama_adapter_lora_free(adapter)
 
-    # -- tokens --------------------------------------------------------------------------------
+    # tokens
 
     def tokenize(self, text: str, special: bool = True, add_bos: bool = False) -> list[int]:
         """``add_bos=True``: add what the GGUF's vocabulary says to add (its BOS, if
@@ -254,7 +254,7 @@ class GGUFRuntime(Runtime):
     def _is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
-    # -- generation ----------------------------------------------------------------------------
+    # generation
 
     def _token_stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
         if sampling.temperature > 0:
@@ -279,31 +279,54 @@ class GGUFRuntime(Runtime):
         """Forget the cached prompt (benchmarks use this to time prefill from scratch)."""
         self._llm.reset()
 
-    # -- parity --------------------------------------------------------------------------------
+    # parity
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        ids = self.check_ids(token_ids)
+        it = self.iter_logits([token_ids])
+        try:
+            return next(it)
+        finally:
+            it.close()
+
+    def iter_logits(self, sequences: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
+        """Logits ``[len(ids), vocab]`` of each sequence in turn, each from an empty context.
+
+        Consecutive sequences that start with the same tokens (held-out examples share their
+        system prompt) reuse the previous sequence's KV cache for that prefix: the prefix rows
+        are copied, only the rest is decoded (as llama-cpp-python's own generate() reuses a
+        prompt prefix)."""
         llm = self._llm
         llm.reset()
         # Llama's private context and batch objects: the public API has no "logits for every
         # position" without logits_all (see the module docstring). Checked by the tests.
         ctx, batch = llm._ctx, llm._batch
         ctx.kv_cache_seq_rm(-1, 0, -1)
-        out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
         step = llm.n_batch
+        prev: list[int] = []
+        prev_out = None
         try:
-            for start in range(0, len(ids), step):
-                chunk = ids[start:start + step]
-                batch.set_batch(batch=chunk, n_past=start, logits_all=True)
-                ctx.decode(batch)
-                rows = np.ctypeslib.as_array(ctx.get_logits(),
-                                             shape=(len(chunk) * self.vocab_size,))
-                out[start:start + len(chunk)] = rows.reshape(len(chunk), self.vocab_size)
+            for token_ids in sequences:
+                ids = self.check_ids(token_ids)
+                keep = 0
+                while keep < min(len(ids), len(prev)) - 1 and ids[keep] == prev[keep]:
+                    keep += 1
+                ctx.kv_cache_seq_rm(-1, keep, -1)
+                out = np.empty((len(ids), self.vocab_size), dtype=np.float32)
+                if keep:
+                    out[:keep] = prev_out[:keep]
+                for start in range(keep, len(ids), step):
+                    chunk = ids[start:start + step]
+                    batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                    ctx.decode(batch)
+                    rows = np.ctypeslib.as_array(ctx.get_logits(),
+                                                 shape=(len(chunk) * self.vocab_size,))
+                    out[start:start + len(chunk)] = rows.reshape(len(chunk), self.vocab_size)
+                prev, prev_out = ids, out
+                yield out
         finally:
             # The next generate() starts from an empty cache: eval() clears it from n_tokens=0.
             llm.reset()
             ctx.kv_cache_seq_rm(-1, 0, -1)
-        return out
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "n_threads": self.n_threads,

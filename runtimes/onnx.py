@@ -179,7 +179,7 @@ class ONNXRuntime(Runtime):
         self._adapter = adapter  # the run options hold a reference; keep it alive
         self._run_options, self.lora_path = opts, path
 
-    # -- tokens --------------------------------------------------------------------------------
+    # tokens
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         if not isinstance(text, str):
@@ -217,7 +217,7 @@ class ONNXRuntime(Runtime):
     def _is_eog(self, token: int) -> bool:
         return token in self._eog
 
-    # -- the model -----------------------------------------------------------------------------
+    # the model
 
     def _empty_cache(self) -> dict[str, np.ndarray]:
         z = np.zeros((1, self.n_kv, 0, self.head_size), dtype=np.float32)

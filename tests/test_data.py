@@ -31,7 +31,7 @@ def _write_jsonl(path, rows):
     return path
 
 
-# --- loading ------------------------------------------------------------------------------------
+# loading
 
 
 def test_jsonl_formats_normalise_to_messages_or_text(tmp_path):
@@ -89,7 +89,7 @@ def test_save_to_disk_directory(tmp_path):
         data.load_dataset(tmp_path / "nov")
 
 
-# --- bad inputs ---------------------------------------------------------------------------------
+# bad inputs
 
 BAD_ROWS = {
     "invalid_json": "{not json",
@@ -161,7 +161,7 @@ def test_path_and_format_errors(tmp_path):
         data.load_dataset(broken)
 
 
-# --- tokenization ---------------------------------------------------------------------------------
+# tokenization
 
 
 def _label_runs(tokenizer, ex):
@@ -226,7 +226,7 @@ def test_too_long_rows_are_dropped_and_counted(tokenizer):
         data.tokenize_dataset(tokenizer, [CHAT, MULTI], max_len=3)
 
 
-# --- packing ------------------------------------------------------------------------------------
+# packing
 
 
 def test_pack_layout():

@@ -73,7 +73,7 @@ def _profile(**changes) -> DeviceProfile:
     return dataclasses.replace(parse_profile(GOOD, "test.toml"), **changes)
 
 
-# -- profiles ---------------------------------------------------------------------------------
+# profiles
 
 
 def test_shipped_profiles_load_and_cover_the_required_devices():
@@ -136,7 +136,7 @@ def test_host_profile_reads_this_machine():
     assert h.arch in ("x86_64", "aarch64", "armv7l") or h.arch
 
 
-# -- model facts ------------------------------------------------------------------------------
+# model facts
 
 
 def test_model_facts_from_the_embedded_gguf(facts, gguf_path):
@@ -226,7 +226,7 @@ def test_model_facts_from_an_onnx_export(tmp_path):
         F.model_facts(d)
 
 
-# -- fit --------------------------------------------------------------------------------------
+# fit
 
 
 def test_fit_memory_model(facts):
@@ -315,7 +315,7 @@ def test_pick_quant_reads_paths(export_dir):
     assert choice.facts.path == str(export_dir)
 
 
-# -- CLI --------------------------------------------------------------------------------------
+# CLI
 
 
 def test_cli_devices_list(capsys):
@@ -356,7 +356,7 @@ def test_devices_side_does_not_import_torch(export_dir):
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-# -- the memory model against the runtime shim ------------------------------------------------
+# the memory model against the runtime shim
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +400,7 @@ def test_memory_prediction_matches_measured_rss(request, gguf_path, quant, conte
     assert abs(error) < 0.15
 
 
-# -- demo apps --------------------------------------------------------------------------------
+# demo apps
 
 DEVICES = Path(__file__).resolve().parents[1] / "devices"
 

@@ -5,6 +5,7 @@ and the project's modules must import each other without a cycle."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -189,8 +190,11 @@ def test_no_module_over_500_lines():
 
 
 def test_no_banner_comments():
-    banners = [f"{p.relative_to(ROOT)}:{i}" for p in [*MODULES.values(),
-                                                       *sorted((ROOT / "bench").glob("*.py"))]
+    # STYLE.md: comments say why; no "# ---- section ----" rules, in code or tests.
+    rule = re.compile(r"^\s*#.*(-{6,}|={6,})\s*$")
+    files = [*MODULES.values(), *sorted((ROOT / "bench").glob("*.py")),
+             *sorted((ROOT / "tests").glob("*.py"))]
+    banners = [f"{p.relative_to(ROOT)}:{i}" for p in files
                for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-               if line.strip().startswith("# ---") or line.strip().startswith("# ===")]
+               if rule.match(line)]
     assert not banners, banners

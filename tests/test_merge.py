@@ -105,7 +105,7 @@ def test_streamed_safetensors_reads_back_with_the_library(tiny, tmp_path):
             assert list(t.shape) == src[name] and str(t.dtype) == "torch.bfloat16"
 
 
-# --- bad input: one clear error, nothing written ---------------------------------------------
+# bad input: one clear error, nothing written
 
 
 def _copy_adapter(src: Path, dst: Path) -> Path:

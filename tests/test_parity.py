@@ -15,7 +15,6 @@ from edgeqlora import parity as P
 from edgeqlora.artifacts import write_manifest
 from edgeqlora.errors import InputError, ParityError
 
-# ---------------------------------------------------------------------------------------------
 # Metric functions vs torch (an independent implementation). Tolerance: float64 numpy vs
 # float64 torch, differences only from summation order, so 1e-10.
 
@@ -63,7 +62,6 @@ def test_metric_properties_and_shapes():
     assert s["ppl_ratio"] == pytest.approx(np.e)
 
 
-# ---------------------------------------------------------------------------------------------
 # The gate with fake models: logits are a fixed function of the token ids.
 
 VOCAB = 64
@@ -173,7 +171,6 @@ def test_english_text_ships_and_is_long_enough():
     assert sum(map(len, seqs)) == 1100 and max(map(len, seqs)) <= P.TEXT_CHUNK
 
 
-# ---------------------------------------------------------------------------------------------
 # run_parity end to end with a real candidate runtime (the embedded GGUF) and a reference that
 # is the same GGUF through llama.cpp (exact) or the same with noise (must fail).
 
@@ -283,7 +280,6 @@ def test_cli_parity_exit_codes(tmp_path, fake_adapter, embedded_runtime, monkeyp
     assert "parity.min_top1" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------
 # Slow: the real reference (NF4 base + adapter in torch) against a real GGUF export of it, and a
 # damaged candidate (another model's weights under the same tokenizer) that the gate rejects.
 

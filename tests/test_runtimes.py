@@ -336,3 +336,22 @@ def test_cli_run_errors_are_one_line_exit_2(gguf_path, tmp_path, capsys):
     assert "prompt is empty" in capsys.readouterr().err
     assert main(["run", str(gguf_path), "--prompt", "hi", "--n-ctx", "4"]) == 2
     assert "n_ctx" in capsys.readouterr().err
+
+
+def test_iter_logits_reuses_a_shared_prefix_without_changing_the_logits(rt):
+    # Held-out sequences share their system prompt; iter_logits decodes it once and copies its
+    # rows. The suffix rows are decoded in a smaller batch than from scratch, and ggml's
+    # kernels round batched sums differently (see above), so the comparison is close, not exact.
+    head = rt.chat_ids(MESSAGES)
+    seqs = [head + rt.tokenize(" lamp on"), head + rt.tokenize(" heating to 20"),
+            rt.tokenize("unrelated text"), head]
+    fresh = [rt.logits(s) for s in seqs]
+    streamed = list(rt.iter_logits(seqs))
+    assert [s.shape for s in streamed] == [f.shape for f in fresh]
+    for f, s in zip(fresh, streamed):
+        assert np.array_equal(f.argmax(-1), s.argmax(-1))
+        assert np.abs(f - s).max() < 0.2
+    # The prefix rows of the second sequence are the first sequence's, copied.
+    assert np.array_equal(streamed[1][:len(head)], streamed[0][:len(head)])
+    # The context is left empty: generation afterwards is as from scratch.
+    assert rt.logits(seqs[0]).shape == fresh[0].shape

@@ -96,7 +96,12 @@ def verify(model_path: str | Path, reference, thresholds: dict[str, float],
     # went through the runtime.
     with GGUFRuntime(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
                      lora_path=lora_path) as runtime:
-        score = reference.agreement(lambda i: runtime.logits(reference.sequences[i]))
+        # In order, so consecutive sequences reuse their shared prefix's KV cache.
+        stream = runtime.iter_logits(reference.sequences)
+        try:
+            score = reference.agreement(lambda i: next(stream))
+        finally:
+            stream.close()
         result.update(score)
         result["runtime"] = "llama-cpp-python"
         result["reference"] = reference.label

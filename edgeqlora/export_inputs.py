@@ -1,0 +1,158 @@
+"""The plain inputs the export stage hands an exporter: LoRA deltas as arrays, calibration rows
+made once per request, and the reference an export is verified against (``heldout.VerifySet``:
+the merged model's, or the trained model's, logits on held-out sequences, run in batches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DataError, InputError, require
+from .heldout import VerifySet, heldout_sequences, training_data_spec, verification_texts
+
+
+def lora_arrays(adapter) -> dict[str, tuple[Any, Any, float]]:
+    """The adapter's deltas as plain arrays, the form the exporters take."""
+    return {k: (d.A.float().numpy(), d.B.float().numpy(), d.scale)
+            for k, d in adapter.deltas.items()}
+
+
+def check_from_adapter(adapter, quant: str) -> list[str]:
+    """Refusals for a quant made from the trained adapter itself (ONNX nf4-exact)."""
+    from .merge import is_quantized_weight
+
+    require("bitsandbytes", "train", f"{quant} export (the NF4 codes come from bitsandbytes)")
+    outside = [k for k, d in adapter.deltas.items()
+               if d.embedding or not is_quantized_weight(k, [1, 1])]
+    if outside:
+        raise ConfigError(f"{quant} keeps LoRA unmerged on the 4-bit linear layers only; "
+                          f"{adapter.dir} also adapts {', '.join(outside[:3])}: use --quant "
+                          "int8 or fp16 (merged) for this adapter")
+    return list(adapter.deltas)
+
+
+def from_adapter_inputs(adapter, scratch: Path, options: dict[str, Any]):
+    """The unmerged original base, the LoRA deltas and the 4-bit layout of the trained model:
+    what an exporter needs to write the trained model as trained."""
+    from . import merge as M
+
+    base = scratch / "base"
+    base.mkdir()
+    M.write_merged(adapter, base, "original", "float32", with_lora=False)
+    quantized = [name for _, name, shape, _ in M.tensor_specs(adapter.base_dir)
+                 if M.is_quantized_weight(name, shape)]
+    options.update(base_quant=dict(adapter.quant), quantized=quantized)
+    return base, lora_arrays(adapter), None
+
+
+def calibration_requests(exporter, quants: list[str], options: dict[str, Any],
+                          manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each quant's calibration request with ``auto`` resolved to the adapter's training data;
+    a spec that names nothing here fails now, before the merge."""
+    from .rows import check_spec
+
+    out = {}
+    for q in quants:
+        req = exporter.calibration_request(q, options)
+        if req is None:
+            continue
+        req = dict(req)
+        if req["spec"] in (None, "", "auto"):
+            spec = training_data_spec(manifest)
+            if not spec:
+                raise InputError(f"{req['what']}: 'auto' means the adapter's training data, and "
+                                 "there is none recorded here; pass a data spec (a .jsonl file "
+                                 "or embedded:iot)")
+            req["spec"], req["source"] = spec, "auto (the adapter's training data)"
+        try:
+            check_spec(req["spec"])
+        except (InputError, DataError) as exc:
+            raise type(exc)(f"{req['what']}: {exc}") from None
+        out[q] = req
+    return out
+
+
+class Calibrations:
+    """Calibration rows made once per distinct request, with the checkpoint's tokenizer."""
+
+    def __init__(self, requests: dict[str, dict[str, Any]], model_dir: Path):
+        self.requests, self.model_dir, self._made = requests, model_dir, {}
+
+    def get(self, quant: str):
+        from .heldout import calibration_sequences
+
+        req = self.requests.get(quant)
+        if req is None:
+            return None
+        key = (req["spec"], req["rows"], req["max_len"])
+        if key not in self._made:
+            seqs, record = calibration_sequences(tokenizer(self.model_dir), req["spec"],
+                                                 req["rows"], req["max_len"], req["what"])
+            if req.get("source"):
+                record["source"] = req["source"]
+            self._made[key] = (seqs, record)
+        return self._made[key]
+
+
+def tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def text_ids(tok):
+    return lambda text, special: list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def merged_reference(merged: Path, manifest: dict[str, Any], eval_tokens: int,
+                      n_texts: int = 16, known: list | None = None) -> VerifySet:
+    """Held-out sequences and the merged checkpoint's fp32 logits on them: ``known`` (the
+    merge-base measurement already ran the merged model on the same sequences), else from the
+    model, run when an exporter first asks for logits and then kept for every quant tried."""
+    import torch
+
+    def load():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+
+    tok = tokenizer(merged)
+    seqs = heldout_sequences(manifest, tok, eval_tokens)
+    ref = VerifySet(seqs, batched(seqs, load), verification_texts(manifest, tok, n_texts),
+                    text_ids(tok), label="merged model")
+    if known is not None and len(known) == len(seqs):
+        ref.preload(known)
+    return ref
+
+
+def trained_reference(adapter, model_dir: Path, eval_tokens: int) -> VerifySet:
+    """Held-out sequences and the trained model's logits (4-bit base + LoRA, as trained)."""
+    def load():
+        from .qlora import dequantized_weights, load_trained
+
+        model = load_trained(adapter.dir, device="cpu")
+        # Dequantized once for every sequence (same outputs as bitsandbytes' CPU path).
+        dequantized_weights(model).__enter__()
+        return model
+
+    tok = tokenizer(model_dir)
+    seqs = heldout_sequences(adapter.manifest, tok, eval_tokens)
+    return VerifySet(seqs, batched(seqs, load), verification_texts(adapter.manifest, tok, 0),
+                     text_ids(tok), label="trained model (NF4 + LoRA)")
+
+
+def batched(seqs: list[list[int]], load):
+    """``logits(ids)`` for a VerifySet: on the first call the model is loaded and run on every
+    sequence in batches (``qlora.forward_logits``), then answered from those."""
+    done: dict[tuple, Any] = {}
+
+    def logits(ids: list[int]):
+        if not done:
+            from .qlora import forward_logits
+
+            model = load()
+            done.update(zip(map(tuple, seqs), forward_logits(model, seqs)))
+            del model
+        return done[tuple(ids)]
+
+    return logits
