@@ -166,3 +166,46 @@ def atomic_dir(out: str | Path, force: bool = False, what: str = "output") -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def safetensors_files(model_dir: str | Path, what: str = "model") -> list[Path]:
+    """A checkpoint's safetensors files: the shards of its index, or every ``*.safetensors``."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = read_json(index)["weight_map"].values()
+        return [model_dir / s for s in dict.fromkeys(sorted(shards))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{what} {model_dir} has no *.safetensors weights")
+    return files
+
+
+def safetensors_specs(model_dir: str | Path, what: str = "model"
+                      ) -> list[tuple[Path, str, list[int], str]]:
+    """(file, name, shape, safetensors dtype) of every tensor of a checkpoint, in file order,
+    from the safetensors headers alone (the JSON header keeps the order its writer streamed
+    in); a file shorter than its header says is refused. Hand-written because the
+    ``safetensors`` package needs a framework to open a file, and this is what the torch-free
+    layers (the exporters' size predictions) read too."""
+    specs = []
+    for path in safetensors_files(model_dir, what):
+        try:
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            size = path.stat().st_size
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"{what} weights {path} cannot be read as safetensors ({exc}); the "
+                             "file is truncated or corrupt: copy or write it again") from None
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            specs.append((path, name, list(info["shape"]), info["dtype"]))
+            end = max(end, info["data_offsets"][1])
+        if 8 + n + end > size:
+            raise InputError(f"{what} weights {path} are truncated ({size} bytes, the header "
+                             f"describes {8 + n + end}); copy or convert the model again")
+    return specs
+

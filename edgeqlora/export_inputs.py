@@ -148,7 +148,7 @@ def batched(seqs: list[list[int]], load):
 
     def logits(ids: list[int]):
         if not done:
-            from .qlora import forward_logits
+            from .logits import forward_logits
 
             model = load()
             done.update(zip(map(tuple, seqs), forward_logits(model, seqs)))

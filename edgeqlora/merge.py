@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import read_json, read_manifest, read_verified_manifest, write_manifest
+from .artifacts import (read_json, read_manifest, read_verified_manifest, safetensors_files,
+                        safetensors_specs, write_manifest)
 from .errors import ConfigError, InputError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -170,37 +171,12 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
 
 
 def base_weight_files(base_dir: Path) -> list[Path]:
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = json.loads(index.read_text())["weight_map"].values()
-        return [base_dir / s for s in dict.fromkeys(sorted(shards))]
-    files = sorted(base_dir.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"base model {base_dir} has no *.safetensors weights")
-    return files
+    return safetensors_files(base_dir, "base model")
 
 
 def tensor_specs(base_dir: Path) -> list[tuple[Path, str, list[int], str]]:
     """(file, name, shape, safetensors dtype) of every base tensor, from headers only."""
-    specs = []
-    for path in base_weight_files(base_dir):
-        try:
-            with open(path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            size = path.stat().st_size
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise _safetensors_error(path, exc, "base weights") from None
-        end = 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            specs.append((path, name, list(info["shape"]), info["dtype"]))
-            end = max(end, info["data_offsets"][1])
-        if 8 + n + end > size:
-            raise InputError(f"base weights {path} are truncated ({size} bytes, the header "
-                             f"describes {8 + n + end}); copy or convert the base model again")
-    return specs
+    return safetensors_specs(base_dir, "base")
 
 
 def iter_base_tensors(base_dir: Path) -> Iterator[tuple[str, Any]]:
@@ -467,7 +443,8 @@ def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
 
     from .heldout import heldout_sequences
     from .metrics import Agreement, distinct_positions
-    from .qlora import dequantized_weights, forward_logits, load_trained
+    from .logits import forward_logits
+    from .qlora import dequantized_weights, load_trained
 
     trained = load_trained(adapter_dir, device="cpu")
     manifest = read_manifest(adapter_dir, kind="adapter")

@@ -359,42 +359,6 @@ def logit_agreement(ref_logits, cand_logits) -> dict[str, float]:
     return acc.result()
 
 
-def forward_logits(model, sequences: list[list[int]], max_batch_tokens: int = 2048,
-                   rows=None) -> list:
-    """Logits (float32 numpy ``[len(seq), vocab]``, or only ``rows[i]`` of them) of each token
-    sequence, computed in batches of similar lengths, right-padded with an attention mask.
-
-    A padded position is never attended to by a real one (it comes after it), so each real
-    position's logits are those of the sequence alone up to float rounding; batches make the
-    CPU matmuls wide enough to run several times faster than one sequence at a time (measured
-    on the held-out sets: 28 sequences of ~72 tokens)."""
-    import torch
-
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out: list = [None] * len(sequences)
-    device = next(model.parameters()).device
-    start = 0
-    while start < len(order):
-        width = len(sequences[order[start]])
-        end = start + 1
-        while end < len(order) and len(sequences[order[end]]) * (end - start + 1)                 <= max(max_batch_tokens, width):
-            end += 1
-        batch = order[start:end]
-        width = max(len(sequences[i]) for i in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, :len(sequences[i])] = torch.tensor(sequences[i])
-            mask[r, :len(sequences[i])] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, i in enumerate(batch):
-            row = logits[r, :len(sequences[i])].float().cpu().numpy()
-            out[i] = row if rows is None else row[rows[i]]
-        start = end
-    return out
-
-
 def quantization_loss(model_fp, model_q, token_ids) -> dict[str, float]:
     """Top-1 agreement and mean KLD of ``model_q`` (e.g. the NF4 base) against ``model_fp`` (the
     16/32-bit base) on ``token_ids`` (a 1-D or ``[batch, seq]`` tensor, or a list of ids)."""

@@ -232,6 +232,7 @@ def test_dequantized_weights_train_with_the_same_gradients(tiny_model_dir, ids):
 
 
 def test_forward_logits_in_batches_equals_one_at_a_time(tiny_model_dir, tokenizer):
+    from edgeqlora import logits as L
     # Right padding with an attention mask: a real position never attends to a pad, so each
     # sequence's logits are its own up to float32 summation order (tolerance 1e-4 on logits of
     # magnitude ~1 from a random model).
@@ -241,12 +242,23 @@ def test_forward_logits_in_batches_equals_one_at_a_time(tiny_model_dir, tokenize
     texts = ["turn on the lamp", "set the kitchen thermostat to 21 degrees please",
              "hello", "dim the bedroom lights to thirty percent at seven"]
     seqs = [tokenizer(t)["input_ids"] for t in texts]
-    batched = qlora.forward_logits(model, seqs, max_batch_tokens=24)
+    batched = L.forward_logits(model, seqs, max_batch_tokens=24)
     with torch.no_grad():
         single = [model(torch.tensor([s])).logits[0].numpy() for s in seqs]
     for b, s in zip(batched, single):
         assert b.shape == s.shape
         assert abs(b - s).max() < 1e-4
     rows = [np.arange(len(s)) % 2 == 0 for s in seqs]
-    picked = qlora.forward_logits(model, seqs, rows=rows)
+    picked = L.forward_logits(model, seqs, rows=rows)
     assert all(abs(p - s[r]).max() < 1e-4 for p, s, r in zip(picked, single, rows))
+    # Sequences that share a prompt: the prefix runs once, its KV cache serves the batch.
+    head = tokenizer("You are a smart-home assistant. Answer with one JSON object.")["input_ids"]
+    assert len(head) >= 8
+    shared = [head + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert L._shared_prefix(shared) == len(head)
+    batched = L.forward_logits(model, shared)
+    with torch.no_grad():
+        single = [model(torch.tensor([s])).logits[0].numpy() for s in shared]
+    for b, s in zip(batched, single):
+        assert b.shape == s.shape
+        assert abs(b - s).max() < 1e-4

@@ -22,10 +22,10 @@ the rule (``model_70b``), checked against that quantizer's files of 80-layer tin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from edgeqlora.artifacts import safetensors_files, safetensors_specs
 from edgeqlora.errors import InputError
 
 from .common import DIRECT_QUANTS, K_QUANTS
@@ -40,39 +40,13 @@ FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors files (the shards of its index, or every file)."""
-    index = Path(model_dir) / "model.safetensors.index.json"
-    if index.is_file():
-        shards = json.loads(index.read_text())["weight_map"].values()
-        return [Path(model_dir) / s for s in dict.fromkeys(sorted(shards))]
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise InputError(f"model {model_dir} has no *.safetensors weights")
-    return files
+    return safetensors_files(model_dir, "model")
 
 
 def weight_specs(model_dir: Path) -> list[tuple[Path, str, list[int]]]:
     """(file, name, shape) of every tensor of the checkpoint, in file order, from the
-    safetensors headers alone (the JSON header keeps the order the writer streams in)."""
-    specs = []
-    for path in weight_files(Path(model_dir)):
-        try:
-            with open(path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            size = path.stat().st_size
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"weights {path} cannot be read as safetensors ({exc}); the file "
-                             "is truncated or corrupt: copy or write it again") from None
-        end = 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            specs.append((path, name, list(info["shape"])))
-            end = max(end, info["data_offsets"][1])
-        if 8 + n + end > size:
-            raise InputError(f"weights {path} are truncated ({size} bytes, the header "
-                             f"describes {8 + n + end}); copy or convert the model again")
-    return specs
+    safetensors headers alone."""
+    return [(path, name, shape) for path, name, shape, _ in safetensors_specs(model_dir, "model")]
 
 
 def _direct_qtype(quant: str):
