@@ -198,3 +198,19 @@ def test_no_banner_comments():
                for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
                if rule.match(line)]
     assert not banners, banners
+
+
+def test_docs_architecture_names_the_same_layers():
+    # docs/architecture.md is the table this file enforces: its core row lists exactly CORE, and
+    # every module of edgeqlora/ is named in some row, so a new module gets a layer on paper.
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = {m.group(1): line.split("|")[2] for line in doc.splitlines()
+            if (m := re.match(r"\| \*\*(\w+)\*\*", line))}
+    names = lambda cell: set(re.findall(r"`(?:edgeqlora\.)?([a-z_]+\*?)", cell))  # noqa: E731
+    core = {n for n in names(rows["core"]) if not n.startswith("tasks")}
+    assert {f"edgeqlora.{n}" for n in core} == CORE - {"edgeqlora"}
+    listed = names(rows["core"]) | names(rows["stages"])
+    top = {p.stem for p in (ROOT / "edgeqlora").glob("*.py")} - {"__init__", "__main__"}
+    missing = {m for m in top if m not in listed
+               and not any(n.endswith("*") and m.startswith(n[:-1]) for n in listed)}
+    assert not missing, f"modules with no row in docs/architecture.md: {sorted(missing)}"
