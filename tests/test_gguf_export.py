@@ -456,7 +456,8 @@ def test_failed_verification_ships_nothing_unless_forced(tiny, tmp_path, capsys)
 
     out = tmp_path / "out"
     args = ["export", str(tiny["adapter"]), "export.eval_tokens=32", "--out", str(out),
-            "--quant", "q4_0", "--merge-base", "original", "--min-top1", "1.01"]
+            "--quant", "q4_0", "--merge-base", "original", "--min-top1", "1.01",
+            "--no-parity"]
     rc = main(args)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "failed verification" in err and "top-1 agreement" in err
