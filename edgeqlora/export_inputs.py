@@ -131,8 +131,11 @@ def trained_reference(adapter, model_dir: Path, eval_tokens: int) -> VerifySet:
         from .qlora import dequantized_weights, load_trained
 
         model = load_trained(adapter.dir, device="cpu")
-        # Dequantized once for every sequence (same outputs as bitsandbytes' CPU path).
-        dequantized_weights(model).__enter__()
+        # Dequantized once for every sequence (same outputs as bitsandbytes' CPU path). The
+        # context manager is held on the model: were it garbage-collected, its exit would put
+        # the per-call dequantization back.
+        model._edgeqlora_dequantized = dequantized_weights(model)
+        model._edgeqlora_dequantized.__enter__()
         return model
 
     tok = tokenizer(model_dir)

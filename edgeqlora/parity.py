@@ -63,11 +63,16 @@ class TorchReference:
 
         from .artifacts import read_manifest
         from .base import resolve_base
-        from .qlora import load_trained
+        from .qlora import dequantized_weights, load_trained
 
         self.adapter_dir = Path(adapter_dir)
         self.manifest = read_manifest(self.adapter_dir, kind="adapter")
         self.model = load_trained(self.adapter_dir, device=device)
+        # On CPU every forward (logits and each greedy token) would dequantize every 4-bit
+        # weight again in bitsandbytes' CPU matmul; dequantized once instead, same outputs
+        # (qlora.dequantized_weights; a no-op on GPU). Held for the reference's lifetime.
+        self._dequantized = dequantized_weights(self.model)
+        self._dequantized.__enter__()
         base = self.manifest.get("base", {})
         path = Path(base.get("path", ""))
         if not (path / "config.json").is_file():
