@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -70,7 +71,24 @@ def thresholds_for(exporter, quant: str, cfg=None, overrides: dict[str, float] |
         if cfg.parity.max_kld != default.max_kld:
             th["max_kld"] = cfg.parity.max_kld
     th.update({k: float(v) for k, v in (overrides or {}).items() if v is not None})
+    bad = [f"{k}={v!r}" for k, v in th.items() if not math.isfinite(v)]
+    if bad:
+        # A NaN threshold compares false both ways: it would switch the check off.
+        raise ConfigError(f"verification thresholds must be finite numbers, got {', '.join(bad)}")
     return th
+
+
+def _fail_closed(check: dict[str, Any]) -> dict[str, Any]:
+    """A verification whose metrics are NaN or infinite has not passed, whatever the exporter's
+    comparisons said (NaN is never beyond a threshold)."""
+    bad = [f"{k} {check[k]}" for k in ("top1", "kld")
+           if isinstance(check.get(k), float) and not math.isfinite(check[k])]
+    if bad:
+        check["problems"] = [*check.get("problems", []),
+                             f"non-finite metrics ({', '.join(bad)}): the export computes NaN "
+                             "or infinite logits"]
+        check["passed"] = False
+    return check
 
 
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "gguf",
@@ -212,7 +230,7 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, target: str = "onn
     calibration = inputs.Calibrations(requests, model_dir).get(quant)
     reference = inputs.merged_reference(model_dir, {}, eval_tokens, n_texts=8)
     job = _Job(exporter, quant, model_dir, None, None, calibration, reference,
-               {**exporter.default_thresholds(quant), **(thresholds or {})}, options, progress)
+               thresholds_for(exporter, quant, None, thresholds), options, progress)
     record = {"target": target, "adapter_only": False, "merge": None,
               "source": {"merged": str(model_dir.resolve())}}
     try:
@@ -247,7 +265,7 @@ def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any],
     info = job.exporter.write_export(job.model_dir, tmp, quant, lora=job.lora,
                                      calibration=job.calibration, progress=job.progress,
                                      **kwargs, **job.options)
-    check = job.exporter.verify_export(tmp, info, job.reference, job.thresholds)
+    check = _fail_closed(job.exporter.verify_export(tmp, info, job.reference, job.thresholds))
     check.setdefault("reference", job.reference.label)
     if not check["passed"]:
         if profile is not None:

@@ -1,0 +1,80 @@
+"""The export stage itself: a merged checkpoint exported to GGUF, and checks that fail closed."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+
+from conftest import build_tiny_model, has_module
+from lora_fixtures import make_adapter
+
+needs_llama_cpp = pytest.mark.skipif(not has_module("llama_cpp"), reason="needs llama-cpp-python")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("stage")
+    base = build_tiny_model(root / "base", tokenizer_dir)
+    return {"base": base, "adapter": make_adapter(root / "adapter", base)}
+
+
+@needs_llama_cpp
+def test_export_merged_writes_a_verified_gguf(tiny, tmp_path):
+    from edgeqlora.export import export_merged
+
+    m = export_merged(tiny["base"], tmp_path / "g", target="gguf", quant="q8_0",
+                      eval_tokens=64)
+    assert m["target"] == "gguf" and m["quant"] == "q8_0"
+    assert m["source"] == {"merged": str(tiny["base"].resolve())}
+    assert m["verification"]["passed"] and m["verification"]["reference"] == "merged model"
+    assert (tmp_path / "g" / "model.q8_0.gguf").is_file()
+
+
+def test_export_merged_refuses_a_checkpoint_without_tokenizer(tiny, tmp_path):
+    from edgeqlora.errors import InputError
+    from edgeqlora.export import export_merged
+
+    src = tmp_path / "notok"
+    shutil.copytree(tiny["base"], src)
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match="has no tokenizer.json"):
+        export_merged(src, tmp_path / "x", target="gguf", quant="f16")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_threshold_is_refused_before_any_work(tiny, tmp_path, value):
+    from edgeqlora.errors import ConfigError
+    from edgeqlora.export import export_adapter
+
+    with pytest.raises(ConfigError, match="finite"):
+        export_adapter(tiny["adapter"], tmp_path / "x", quant="f16", merge_base="original",
+                       thresholds={"max_kld": value}, eval_tokens=32)
+    assert not (tmp_path / "x").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.")]
+
+
+@needs_llama_cpp
+def test_nan_metrics_fail_verification_even_if_the_exporter_passed_them(tiny, tmp_path,
+                                                                       monkeypatch):
+    from edgeqlora.errors import ExportError
+    from edgeqlora.export import export_adapter
+    from edgeqlora.exporters import gguf as G
+
+    real = G.verify_export
+
+    def nan_verify(*args, **kwargs):
+        check = real(*args, **kwargs)
+        return {**check, "kld": math.nan, "passed": True, "problems": []}
+
+    monkeypatch.setattr(G, "verify_export", nan_verify)
+    with pytest.raises(ExportError, match="non-finite metrics"):
+        export_adapter(tiny["adapter"], tmp_path / "x", quant="f16", merge_base="original",
+                       eval_tokens=32)
+    assert not (tmp_path / "x").exists()
+    # Forced, it is kept but recorded as failed (never as passed).
+    m = export_adapter(tiny["adapter"], tmp_path / "y", quant="f16", merge_base="original",
+                       eval_tokens=32, force=True)
+    assert m["verification"]["passed"] is False
