@@ -23,6 +23,11 @@ from .errors import InputError, ManifestError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# The files a Hugging Face tokenizer can consist of: what ``edgeqlora merge`` copies beside the
+# merged weights and what every exporter ships beside the model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import (read_json, read_manifest, read_verified_manifest, safetensors_files,
-                        safetensors_specs, write_manifest)
+from .artifacts import (TOKENIZER_FILES, read_json, read_manifest, read_verified_manifest,
+                        safetensors_files, safetensors_specs, write_manifest)
 from .errors import ConfigError, InputError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ log = logging.getLogger(__name__)
 MERGE_BASES = ("auto", "original", "dequantized")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-# Copied from the base (or the adapter, which wins: it holds what training used) into the merge.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # PEFT's state-dict keys: base_model.model.<module>.lora_A.weight etc.
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|"

@@ -176,12 +176,11 @@ def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
 
 
 def test_tokenizer_files_are_the_merge_stages():
-    """The exporter copies the tokenizer files the merge stage writes (a copy of its list:
-    exporters may not import the merge stage)."""
-    from edgeqlora.exporters.gguf.common import TOKENIZER_FILES
-    from edgeqlora.merge import TOKENIZER_FILES as MERGE_FILES
+    """The exporter copies the tokenizer files the merge stage writes: one list, in the core."""
+    from edgeqlora import artifacts, merge
+    from edgeqlora.exporters.gguf import exporter
 
-    assert TOKENIZER_FILES == MERGE_FILES
+    assert exporter.TOKENIZER_FILES is merge.TOKENIZER_FILES is artifacts.TOKENIZER_FILES
 
 
 def test_modelfile_renders_as_transformers(tiny, tmp_path):

@@ -21,11 +21,6 @@ QUANTS = DIRECT_QUANTS + tuple(K_QUANTS)
 DEFAULT_QUANT = "q4_k_m"
 ADAPTER_QUANTS = ("f32", "f16", "q8_0")
 LLAMA_CPP_INSTALL = "pip install 'edgeqlora[gguf]'  (or: pip install llama-cpp-python)"
-# The Hugging Face tokenizer files an export carries beside the model. The same list as
-# edgeqlora.merge.TOKENIZER_FILES (a test pins it): exporters may not import the merge stage.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
 
 
 def has_llama_cpp() -> bool:

@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edgeqlora.artifacts import TOKENIZER_FILES
 from edgeqlora.errors import ConfigError
 
 from . import common
 from . import imatrix as IM
-from .common import DIRECT_QUANTS, K_QUANTS, TOKENIZER_FILES
+from .common import DIRECT_QUANTS, K_QUANTS
 from .lora import write_lora_gguf
 from .metadata import read_config
 from .modelfile import modelfile

@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .recipes import GENAI_CONFIG, GENAI_TYPES, MODEL_FILE, TOKENIZER_FILES, read_config
+from edgeqlora.artifacts import TOKENIZER_FILES
+
+from .recipes import GENAI_CONFIG, GENAI_TYPES, MODEL_FILE, read_config
 
 
 def genai_config(model_dir: Path, dims: dict[str, Any], context_length: int) -> dict[str, Any]:

@@ -16,11 +16,6 @@ from edgeqlora.errors import ConfigError, DataError, InputError, require
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
-# What a checkpoint's tokenizer can consist of (the files ``edgeqlora merge`` writes); copied
-# beside the model with generation_config.json and config.json.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
 
 # quant name -> recipe. ``bits`` of the MatMuls, the quantizer algorithm, and how the token
 # embedding table is stored.
