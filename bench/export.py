@@ -126,10 +126,9 @@ def synthetic_adapter(scratch: Path) -> Path:
 def synthetic_llama(out: Path, hidden: int, layers: int, intermediate: int) -> dict:
     """Random Llama weights written tensor by tensor (never the whole model in memory)."""
     import numpy as np
-    import torch
 
+    from edgeqlora.artifacts import TOKENIZER_FILES, SafetensorsStreamWriter
     from edgeqlora.base import resolve_base
-    from edgeqlora.merge import TOKENIZER_FILES, _SafetensorsStreamWriter
 
     heads, kv = hidden // 64, max(1, hidden // 256)
     vocab = 49152
@@ -147,12 +146,12 @@ def synthetic_llama(out: Path, hidden: int, layers: int, intermediate: int) -> d
                   (p + "mlp.down_proj.weight", [hidden, intermediate])]
     specs.append(("model.norm.weight", [hidden]))
     out.mkdir(parents=True)
-    writer = _SafetensorsStreamWriter(out / "model.safetensors", specs, "float32")
+    writer = SafetensorsStreamWriter(out / "model.safetensors", specs, "F32")
     rng = np.random.default_rng(0)
     for name, shape in specs:
         data = np.ones(shape, np.float32) if len(shape) == 1 else \
             rng.standard_normal(shape, dtype=np.float32) * 0.02
-        writer.write(name, torch.from_numpy(data))
+        writer.write(name, np.ascontiguousarray(data))
     writer.close()
     src = resolve_base("embedded")
     cfg = json.loads((src / "config.json").read_text())

@@ -1,7 +1,7 @@
 """Benchmark: the whole ``edgeqlora export ADAPTER --quant q4_k_m --no-parity`` command.
 
-Wall time and peak RSS of the command as a user types it (merge base ``auto``, the default:
-both bases merged and measured against the trained model) and with ``--merge-base original``,
+Wall time and peak RSS of the command as a user types it (merge base ``auto``, the default: the
+base the adapter was trained against) and with ``--merge-base original``,
 each repeated; with ``--baseline DIR`` the same commands run, interleaved, from another tree of
 edgeqlora (a checkout of an older commit laid out as an importable package, put first on
 ``PYTHONPATH``), so a before/after pair shares the machine's state. The GGUF files of a pair

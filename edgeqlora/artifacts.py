@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -214,3 +215,44 @@ def safetensors_specs(model_dir: str | Path, what: str = "model"
                              f"describes {8 + n + end}); copy or convert the model again")
     return specs
 
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file whose tensor names, shapes and dtypes (``F32``, ``F16``,
+    ``BF16``) are known up front, one tensor at a time. Hand-written because the safetensors
+    library only saves whole dicts; the layout follows the format spec: u64 little-endian header
+    size, JSON header (padded with spaces to 8 bytes), then the tensors' bytes in header order.
+    Reading it back goes through the library (tests do)."""
+
+    _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+    def __init__(self, path: Path, specs: list[tuple[str, list[int]]], dtype: str):
+        self.path = path
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        self.order = []
+        for name, shape in specs:
+            nbytes = math.prod(shape) * self._ITEMSIZE[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self.order.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.fh = open(path, "wb")
+        self.fh.write(len(raw).to_bytes(8, "little"))
+        self.fh.write(raw)
+        self.next = 0
+
+    def write(self, name: str, data) -> None:
+        """The next tensor's raw little-endian bytes (any buffer: bytes, a uint8 array)."""
+        want, nbytes = self.order[self.next]
+        assert name == want, (name, want)
+        view = memoryview(data).cast("B")
+        assert view.nbytes == nbytes, (name, view.nbytes, nbytes)
+        self.fh.write(view)
+        self.next += 1
+
+    def close(self) -> None:
+        self.fh.close()
+        assert self.next == len(self.order), "not every tensor was written"

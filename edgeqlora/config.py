@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 QUANT_CHOICES = ("nf4", "fp4", "int8", "none")
 TARGET_PRESETS = ("all-linear", "attention")
-MERGE_BASES = ("auto", "original", "dequantized")
+MERGE_BASES = ("auto", "original", "dequantized", "best")
 
 
 @dataclass(frozen=True)

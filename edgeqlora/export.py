@@ -126,13 +126,12 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     from_adapter = [q for q in candidates if q in getattr(exporter, "FROM_ADAPTER_QUANTS", ())]
     if from_adapter and len(candidates) > 1:
         raise AssertionError("device candidates never include quants made from the adapter")
-    if merge_base not in M.MERGE_BASES:
-        raise ConfigError(f"merge_base={merge_base!r} is not one of {', '.join(M.MERGE_BASES)}")
     options = exporter.check_options(options)
     out_dir = Path(out_dir)
     _prepare(out_dir, force)
     adapter = M.read_adapter(adapter_dir)
     M.check_fit(adapter)
+    M.resolve_merge_base(adapter, merge_base)
     if from_adapter:
         lora_keys = inputs.check_from_adapter(adapter, from_adapter[0])
     else:
@@ -152,8 +151,11 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
         else:
             merged = scratch / "merged"
             merged.mkdir()
-            result = M._merge_into(adapter, merged, merge_base, "float32", eval_tokens,
-                                   progress)
+            # ``best`` measures both bases against the trained model; ``auto`` merges into the
+            # one the adapter was trained against, with no torch run (the parity gate is the
+            # comparison with the trained model).
+            result = M._merge_into(adapter, merged, merge_base, "float32",
+                                   eval_tokens if merge_base == "best" else 0, progress)
             merge_record = {k: v for k, v in result.to_dict().items() if k != "out_dir"}
             model_dir, lora = merged, None
             if adapter_only:
@@ -162,7 +164,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                 M.write_merged(adapter, model_dir, result.merge_base, with_lora=False)
                 lora = inputs.lora_arrays(adapter)
             reference = inputs.merged_reference(merged, adapter.manifest, eval_tokens,
-                                          known=getattr(result, "logits", None))
+                                                known=getattr(result, "logits", None))
         base_record = {
             "target": target,
             "adapter_only": adapter_only,

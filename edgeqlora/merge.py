@@ -5,22 +5,27 @@
 ``W' = W + s * B @ A`` with ``s = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA). Other exporters
 (GGUF, ONNX) start from that directory.
 
-Which ``W``? A QLoRA adapter was trained against the NF4 weights, not the 16-bit ones:
+Which ``W``? A QLoRA adapter was trained against the 4-bit weights, not the 16-bit ones:
 
+- ``dequantized``: the NF4/FP4 weights dequantized exactly as bitsandbytes does in the trained
+  model (``quantize_4bit`` + ``dequantize_4bit`` with the manifest's block size, double
+  quantization and dtype) -- every quantized linear layer, targeted or not, because the trained
+  model ran all of them in 4-bit (torchtune's choice). With the trained model at hand (the
+  export stage loads it anyway) its own dequantized weights are taken instead of a second round
+  trip: the same numbers (tested);
 - ``original``: the weights of the base checkpoint (what Unsloth merges into);
-- ``dequantized``: the NF4 weights dequantized exactly as bitsandbytes does in the trained model
-  (``quantize_4bit`` + ``dequantize_4bit`` with the manifest's block size, double quantization and
-  dtype) -- every quantized linear layer, targeted or not, because the trained model ran all of
-  them in NF4 (torchtune's choice);
-- ``auto``: both, each measured against the trained model (NF4 base + adapter, ``load_trained``)
-  on held-out tokens (mean KL divergence of next-token distributions); the better one is kept and
-  both figures are recorded.
+- ``auto`` (the default): the base the adapter was trained against -- ``dequantized`` for a
+  4-bit adapter, ``original`` for a plain-LoRA one (``quant=none``) and for LLM.int8, whose
+  outlier decomposition has no static dequantized weight. The merge is then the trained model
+  up to float rounding (measured: KLD ~1e-11 against the trained model, where the original
+  weights give ~0.2 on the quickstart adapter);
+- ``best``: both merged, each measured against the trained model (NF4 base + adapter,
+  ``load_trained``) on held-out tokens (mean KL divergence of next-token distributions); the
+  better one is kept and both figures are recorded.
 
 Streaming: the base is read one tensor at a time with ``safetensors.safe_open`` and the merged
 tensors are written one at a time, so peak memory is about the largest tensor plus buffers, not
-the model. The safetensors library only writes whole dicts, so ``_SafetensorsStreamWriter`` writes
-the (simple, documented) format itself: an 8-byte header length, a JSON header, then raw data.
-Reading it back goes through the library (tests do).
+the model (``artifacts.SafetensorsStreamWriter``: the safetensors library only writes whole dicts).
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import (TOKENIZER_FILES, read_json, read_manifest, read_verified_manifest,
-                        safetensors_files, safetensors_specs, write_manifest)
+from .artifacts import (TOKENIZER_FILES, SafetensorsStreamWriter, read_json,
+                        read_verified_manifest, safetensors_files, safetensors_specs,
+                        write_manifest)
+from .config import MERGE_BASES
 from .errors import ConfigError, InputError, ManifestError
+from .merge_measure import measure_against_trained
 
 log = logging.getLogger(__name__)
 
-MERGE_BASES = ("auto", "original", "dequantized")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -204,63 +211,35 @@ def is_quantized_weight(name: str, shape) -> bool:
     return name.endswith(".weight") and len(shape) == 2 and ".layers." in name
 
 
+def _roundtrip_settings(quant: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {"dtype": getattr(torch, quant.get("compute_dtype") or "float32", torch.float32),
+            "blocksize": int(quant.get("block_size") or 64),
+            "compress_statistics": bool(quant.get("double_quant", True)),
+            "quant_type": quant.get("quant", "nf4")}
+
+
 def nf4_roundtrip(weight, quant: dict[str, Any]):
     """``weight`` as the trained model saw it: quantized to 4-bit by bitsandbytes with the
     adapter's settings, dequantized back to fp32 (the same two calls Linear4bit makes)."""
-    import torch
     import bitsandbytes.functional as bnbf
 
-    dtype = getattr(torch, quant.get("compute_dtype") or "float32", torch.float32)
-    q, state = bnbf.quantize_4bit(weight.to(dtype).contiguous(),
-                                  blocksize=int(quant.get("block_size") or 64),
-                                  compress_statistics=bool(quant.get("double_quant", True)),
-                                  quant_type=quant.get("quant", "nf4"))
+    s = _roundtrip_settings(quant)
+    q, state = bnbf.quantize_4bit(weight.to(s.pop("dtype")).contiguous(), **s)
     return bnbf.dequantize_4bit(q, state).float()
 
 
-class _SafetensorsStreamWriter:
-    """Write a safetensors file whose tensor names, shapes and dtypes are known up front, one
-    tensor at a time. Hand-written because the safetensors library only saves whole dicts; the
-    layout follows the format spec: u64 little-endian header size, JSON header (padded with
-    spaces to 8 bytes), then the tensors' bytes in header order."""
+def trained_weights(adapter: Adapter, trained) -> dict[str, Any]:
+    """The trained model's own dequantized 4-bit weights, by tensor name, where they are what
+    ``nf4_roundtrip`` would give: quantized with the same settings (a bf16-trained adapter's
+    base loads in fp32 on CPU, so its weights are round-tripped instead)."""
+    from .qlora import trained_base_weights
 
-    def __init__(self, path: Path, specs: list[tuple[str, list[int]]], dtype: str):
-        import numpy as np
-
-        self.path = path
-        self.itemsize = np.dtype({"float32": "f4", "float16": "f2", "bfloat16": "u2"}[dtype]
-                                 ).itemsize
-        self.dtype = dtype
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        self.order = []
-        for name, shape in specs:
-            nbytes = math.prod(shape) * self.itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            self.order.append((name, nbytes))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.fh = open(path, "wb")
-        self.fh.write(len(raw).to_bytes(8, "little"))
-        self.fh.write(raw)
-        self.next = 0
-
-    def write(self, name: str, tensor) -> None:
-        import torch
-
-        want, nbytes = self.order[self.next]
-        assert name == want, (name, want)
-        data = tensor.detach().to(getattr(torch, self.dtype)).contiguous()
-        buf = data.reshape(-1).view(torch.uint8).numpy()
-        assert buf.nbytes == nbytes, (name, buf.nbytes, nbytes)
-        self.fh.write(memoryview(buf))
-        self.next += 1
-
-    def close(self) -> None:
-        self.fh.close()
-        assert self.next == len(self.order), "not every tensor was written"
+    s = _roundtrip_settings(adapter.quant)
+    return {name: w for name, (w, st) in trained_base_weights(trained).items()
+            if st.dtype == s["dtype"] and st.blocksize == s["blocksize"]
+            and st.quant_type == s["quant_type"] and bool(st.nested) == s["compress_statistics"]}
 
 
 @dataclass
@@ -302,10 +281,13 @@ def check_fit(adapter: Adapter) -> None:
 
 
 def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = "float32",
-                 with_lora: bool = True, progress: bool = False) -> int:
+                 with_lora: bool = True, progress: bool = False,
+                 dequantized: dict[str, Any] | None = None) -> int:
     """Stream the base through the merge into ``out_dir`` (which must exist). With
     ``with_lora=False`` the base alone is written (original or dequantized): the base GGUF of an
-    adapter-only export. Returns the number of modules merged."""
+    adapter-only export. ``dequantized`` (``qlora.trained_base_weights``) gives the trained
+    model's own dequantized 4-bit weights by tensor name; a weight it lacks is round-tripped
+    here. Returns the number of modules merged."""
     import torch
 
     if merge_base not in ("original", "dequantized"):
@@ -313,8 +295,9 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
     if dtype not in _ST_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(_ST_DTYPES)}")
     specs = tensor_specs(adapter.base_dir)
-    writer = _SafetensorsStreamWriter(out_dir / "model.safetensors",
-                                      [(name, shape) for _, name, shape, _ in specs], dtype)
+    writer = SafetensorsStreamWriter(out_dir / "model.safetensors",
+                                     [(name, shape) for _, name, shape, _ in specs],
+                                     _ST_DTYPES[dtype])
     merged = 0
     try:
         with torch.no_grad():
@@ -322,13 +305,15 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
                                           "merging", progress):
                 w = tensor.float()
                 if merge_base == "dequantized" and is_quantized_weight(name, w.shape):
-                    w = nf4_roundtrip(w, adapter.quant)
+                    known = (dequantized or {}).get(name)
+                    w = known.float() if known is not None else nf4_roundtrip(w, adapter.quant)
                 d = adapter.deltas.get(name) if with_lora else None
                 if d is not None:
                     # fp32 add: in bf16 the low bits of a small delta would be lost.
                     w = w + d.delta()
                     merged += 1
-                writer.write(name, w)
+                data = w.detach().to(getattr(torch, dtype)).contiguous()
+                writer.write(name, data.reshape(-1).view(torch.uint8).numpy())
     except BaseException:
         writer.fh.close()
         raise
@@ -370,13 +355,13 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str 
                   progress: bool = False) -> MergeResult:
     """Merge the adapter in ``adapter_dir`` into its base and write a Hugging Face checkpoint
     to ``out_dir`` (atomically; ``force`` replaces an existing one). See the module docstring
-    for ``merge_base``. ``eval_tokens`` held-out tokens measure the bases under ``auto``."""
+    for ``merge_base``. ``eval_tokens`` held-out tokens measure the merge against the trained
+    model under ``auto`` and ``best``."""
     from .artifacts import atomic_dir, versions
 
-    if merge_base not in MERGE_BASES:
-        raise ConfigError(f"merge_base={merge_base!r} is not one of {', '.join(MERGE_BASES)}")
     adapter = read_adapter(adapter_dir)
     check_fit(adapter)
+    resolve_merge_base(adapter, merge_base)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, force=force, what="merged model") as tmp:
         result = _merge_into(adapter, tmp, merge_base, dtype, eval_tokens, progress)
@@ -391,16 +376,68 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str 
     return result
 
 
+FOUR_BIT = ("nf4", "fp4")
+
+
+def resolve_merge_base(adapter: Adapter, merge_base: str) -> str:
+    """The base ``merge_base`` merges into: ``auto`` is the one the adapter was trained against
+    (module docstring); ``dequantized`` and ``best`` need an adapter trained on a 4-bit base."""
+    if merge_base not in MERGE_BASES:
+        raise ConfigError(f"merge_base={merge_base!r} is not one of {', '.join(MERGE_BASES)}")
+    quant = adapter.quant.get("quant", "nf4")
+    if merge_base == "auto":
+        return "dequantized" if quant in FOUR_BIT else "original"
+    if merge_base in ("dequantized", "best") and quant not in FOUR_BIT:
+        raise ConfigError(f"merge_base={merge_base} needs an adapter trained on a 4-bit base "
+                          f"(quant=nf4 or fp4); {adapter.dir} was trained with quant={quant}: "
+                          "merge into its original weights (merge_base=original or auto)")
+    return merge_base
+
+
+def reproduces_trained(adapter: Adapter, base: str) -> bool:
+    """Whether merging into ``base`` gives the trained model up to float rounding: the
+    dequantized 4-bit weights, or the original ones of a plain-LoRA adapter."""
+    quant = adapter.quant.get("quant", "nf4")
+    return (base == "dequantized") == (quant in FOUR_BIT) and quant != "int8"
+
+
 def _merge_into(adapter: Adapter, out: Path, merge_base: str, dtype: str, eval_tokens: int,
-                progress: bool) -> MergeResult:
-    """Write the merged checkpoint into the (existing, empty) directory ``out``."""
-    result = MergeResult(out, merge_base, merge_base, dtype=dtype,
+                progress: bool, trained=None) -> MergeResult:
+    """Write the merged checkpoint into the (existing, empty) directory ``out``. ``trained``:
+    the trained model (``qlora.load_trained``) if the caller has it loaded; under ``auto`` and
+    ``best``, ``eval_tokens`` held-out tokens measure the merge against it (0: not measured)."""
+    base = resolve_merge_base(adapter, merge_base)
+    result = MergeResult(out, base, merge_base, dtype=dtype,
                          base={k: adapter.base_fingerprint.get(k) for k in
                                ("id", "name", "weights_sha256", "model_type")})
-    if merge_base != "auto":
-        result.merged_modules = write_merged(adapter, out, merge_base, dtype, progress=progress)
-        return result
-    # auto: build both side by side, measure each against the trained model, keep the better.
+    if merge_base == "best":
+        return _keep_best(adapter, out, result, eval_tokens, progress, trained)
+    measure = eval_tokens > 0 and merge_base == "auto"
+    if measure and trained is None:
+        from .qlora import load_trained
+
+        trained = load_trained(adapter.dir, device="cpu")
+    known = trained_weights(adapter, trained) if trained is not None and \
+        base == "dequantized" else None
+    result.merged_modules = write_merged(adapter, out, base, dtype, progress=progress,
+                                         dequantized=known)
+    if measure:
+        score = measure_against_trained(adapter.dir, {base: out}, eval_tokens, trained=trained)
+        _record(result, score)
+    return result
+
+
+def _record(result: MergeResult, scores: dict[str, dict[str, Any]]) -> None:
+    for base, s in scores.items():
+        result.kld[base] = s["kld"]
+        result.top1[base] = s["top1"]
+        result.eval_tokens = s["tokens"]
+
+
+def _keep_best(adapter: Adapter, out: Path, result: MergeResult, eval_tokens: int,
+               progress: bool, trained) -> MergeResult:
+    """``best``: both bases merged side by side, each measured against the trained model; the
+    better one is moved into ``out``."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as scratch:
@@ -408,13 +445,14 @@ def _merge_into(adapter: Adapter, out: Path, merge_base: str, dtype: str, eval_t
         for base in ("original", "dequantized"):
             d = Path(scratch) / base
             d.mkdir()
-            result.merged_modules = write_merged(adapter, d, base, dtype, progress=progress)
+            known = trained_weights(adapter, trained) if trained is not None and \
+                base == "dequantized" else None
+            result.merged_modules = write_merged(adapter, d, base, result.dtype,
+                                                 progress=progress, dequantized=known)
             cands[base] = d
-        scores = measure_against_trained(adapter.dir, cands, eval_tokens, keep_logits=True)
-        for base, s in scores.items():
-            result.kld[base] = s["kld"]
-            result.top1[base] = s["top1"]
-            result.eval_tokens = s["tokens"]
+        scores = measure_against_trained(adapter.dir, cands, eval_tokens, keep_logits=True,
+                                         trained=trained)
+        _record(result, scores)
         best = min(scores, key=lambda b: scores[b]["kld"])
         result.merge_base = best
         # Not a field (not in the record): the merged model's logits on the held-out set.
@@ -422,44 +460,3 @@ def _merge_into(adapter: Adapter, out: Path, merge_base: str, dtype: str, eval_t
         for p in cands[best].iterdir():
             shutil.move(str(p), out / p.name)
     return result
-
-
-def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
-                            eval_tokens: int, keep_logits: bool = False
-                            ) -> dict[str, dict[str, Any]]:
-    """Top-1 agreement and mean KL(trained || candidate) of each merged candidate directory
-    (``metrics``: float64), over the distinct contexts of the held-out sequences.
-
-    The trained model's logits are computed once (at the distinct positions only) and kept;
-    candidates are loaded one at a time. With ``keep_logits`` each score also holds the
-    candidate's full logits per sequence (``"logits"``), which the export stage reuses as the
-    merged model's reference instead of running it again."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .heldout import heldout_sequences
-    from .metrics import Agreement, distinct_positions
-    from .logits import forward_logits
-    from .qlora import dequantized_weights, load_trained
-
-    trained = load_trained(adapter_dir, device="cpu")
-    manifest = read_manifest(adapter_dir, kind="adapter")
-    tok = AutoTokenizer.from_pretrained(next(iter(candidates.values())))
-    seqs = heldout_sequences(manifest, tok, eval_tokens)
-    keeps = distinct_positions(seqs)  # a shared prompt counts once
-    # Dequantized once, not at every forward (bitsandbytes' CPU path; same outputs, tested).
-    with dequantized_weights(trained):
-        ref = forward_logits(trained, seqs, rows=keeps)
-    del trained
-    scores: dict[str, dict[str, Any]] = {}
-    for name, path in candidates.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        acc = Agreement()
-        logits = forward_logits(model, seqs)
-        for r, cand, keep in zip(ref, logits, keeps):
-            acc.add(r, cand[keep])
-        scores[name] = acc.result()
-        if keep_logits:
-            scores[name]["logits"] = logits
-        del model, logits
-    return scores

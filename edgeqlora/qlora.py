@@ -121,6 +121,7 @@ def dequantized_weights(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
             x = x.to(module.compute_dtype)
             bias = None if module.bias is None else module.bias.to(x.dtype)
             return F.linear(x, weight, bias).to(inp_dtype)
+        forward.weight = weight  # for trained_base_weights
         return forward
 
     for m in mine:
@@ -131,6 +132,23 @@ def dequantized_weights(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
     finally:
         for m in mine:
             del m.forward  # back to the class's forward
+
+
+def trained_base_weights(model) -> dict[str, tuple[Any, Any]]:
+    """Each 4-bit layer's dequantized weight and its bitsandbytes quant state, by the base
+    checkpoint's tensor name (PEFT's ``base_model.model.`` and ``.base_layer`` taken off). The
+    weight is the one ``dequantized_weights`` cached, when inside it, else dequantized now."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            key = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight"
+            weight = getattr(vars(m).get("forward"), "weight", None)
+            if weight is None:
+                weight = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            out[key] = (weight, m.weight.quant_state)
+    return out
 
 
 def cpu_repacked_layers(model) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 def make_adapter(out: Path, base_dir: Path, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                      "gate_proj", "up_proj", "down_proj"),
                  r: int = 8, alpha: float = 16.0, rslora: bool = False, seed: int = 0,
-                 b_std: float = 0.05, spec: str | None = None) -> Path:
+                 b_std: float = 0.05, spec: str | None = None, quant: str = "nf4") -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -33,7 +33,7 @@ def make_adapter(out: Path, base_dir: Path, targets=("q_proj", "k_proj", "v_proj
     write_manifest(out, "adapter", {
         "base": {"spec": spec or str(base_dir), "path": str(base_dir),
                  "weights_sha256": fp["weights_sha256"], "model_type": fp["model_type"]},
-        "quant": {"quant": "nf4", "double_quant": True, "block_size": 64,
+        "quant": {"quant": quant, "double_quant": True, "block_size": 64,
                   "compute_dtype": "float32"},
         "lora": {"r": r, "alpha": alpha, "dropout": 0.0, "target_modules": sorted(targets),
                  "rslora": rslora, "dora": False},

@@ -78,3 +78,36 @@ def test_nan_metrics_fail_verification_even_if_the_exporter_passed_them(tiny, tm
     m = export_adapter(tiny["adapter"], tmp_path / "y", quant="f16", merge_base="original",
                        eval_tokens=32, force=True)
     assert m["verification"]["passed"] is False
+
+
+@needs_llama_cpp
+def test_auto_exports_the_trained_base_without_measuring_the_other(tiny, tmp_path, monkeypatch):
+    """``auto`` merges into the dequantized NF4 base the adapter was trained on, with no merge
+    measurement (no trained-model run: the parity gate is that comparison); the file equals the
+    explicit ``dequantized`` export's, byte for byte."""
+    from edgeqlora import merge_measure
+    from edgeqlora.export import export_adapter
+
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("auto measured a merge base during an export")
+
+    monkeypatch.setattr(merge_measure, "measure_against_trained", no_measurement)
+    monkeypatch.setattr("edgeqlora.merge.measure_against_trained", no_measurement)
+    m = export_adapter(tiny["adapter"], tmp_path / "auto", quant="q8_0", eval_tokens=64)
+    assert m["merge"]["merge_base"] == "dequantized" and m["merge"]["requested"] == "auto"
+    assert m["merge"]["kld"] == {} and m["verification"]["reference"] == "merged model"
+    export_adapter(tiny["adapter"], tmp_path / "deq", quant="q8_0", eval_tokens=64,
+                   merge_base="dequantized")
+    assert (tmp_path / "auto" / "model.q8_0.gguf").read_bytes() == \
+        (tmp_path / "deq" / "model.q8_0.gguf").read_bytes()
+
+
+def test_a_4bit_only_merge_base_on_a_plain_lora_adapter_is_one_line(tiny, tmp_path):
+    from edgeqlora.errors import ConfigError
+    from edgeqlora.export import export_adapter
+
+    plain = make_adapter(tmp_path / "plain", tiny["base"], quant="none")
+    with pytest.raises(ConfigError, match="merge_base=dequantized needs an adapter trained on "
+                                          "a 4-bit base"):
+        export_adapter(plain, tmp_path / "x", quant="q8_0", merge_base="dequantized")
+    assert not (tmp_path / "x").exists()

@@ -1,5 +1,6 @@
 """Merge: fp32 LoRA merge into the original or the NF4-dequantized base, streaming safetensors,
-auto choice by KLD against the trained model, and the input errors."""
+auto (the base the adapter was trained against, measured), best (both measured, the better
+kept), the trained model's own dequantized weights, and the input errors."""
 
 from __future__ import annotations
 
@@ -78,17 +79,69 @@ def test_dequantized_merge_equals_trained_nf4_model(tiny, tmp_path):
     assert (_peft_merged_logits(tiny["base"], tiny["adapter"]) - ref).abs().max().item() > 1e-3
 
 
-def test_auto_measures_both_and_keeps_the_better(tiny, tmp_path):
+def test_best_measures_both_and_keeps_the_better(tiny, tmp_path):
     from edgeqlora.merge import merge_adapter
 
-    res = merge_adapter(tiny["adapter"], tmp_path / "merged", merge_base="auto", eval_tokens=96)
+    res = merge_adapter(tiny["adapter"], tmp_path / "merged", merge_base="best", eval_tokens=96)
     assert set(res.kld) == {"original", "dequantized"}
     assert res.merge_base == min(res.kld, key=res.kld.get)
     # The adapter was "trained" against NF4 (the reference model), so dequantized wins.
     assert res.merge_base == "dequantized" and res.eval_tokens >= 96
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert set(manifest["merge"]["kld"]) == {"original", "dequantized"}
+    assert manifest["merge"]["requested"] == "best"
     assert not list(tmp_path.glob(".merge-*")) and not list(tmp_path.glob(".merged.tmp-*"))
+
+
+def test_auto_merges_into_the_trained_base_and_measures_it(tiny, tmp_path):
+    from edgeqlora.merge import merge_adapter
+
+    res = merge_adapter(tiny["adapter"], tmp_path / "auto", merge_base="auto", eval_tokens=96)
+    # One candidate: the dequantized NF4 base, which is the trained model up to float rounding.
+    assert res.merge_base == "dequantized" and res.requested == "auto"
+    assert set(res.kld) == {"dequantized"} and res.kld["dequantized"] < 1e-6
+    assert res.top1["dequantized"] == 1.0 and res.eval_tokens >= 96
+    # Merged from the trained model's own dequantized weights: the same bytes as the explicit
+    # dequantized merge, which round-trips every weight through bitsandbytes itself.
+    merge_adapter(tiny["adapter"], tmp_path / "deq", merge_base="dequantized")
+    assert (tmp_path / "auto" / "model.safetensors").read_bytes() == \
+        (tmp_path / "deq" / "model.safetensors").read_bytes()
+
+
+def test_trained_weights_are_the_nf4_round_trip(tiny):
+    import torch
+
+    from edgeqlora.merge import (is_quantized_weight, iter_base_tensors, nf4_roundtrip,
+                                 read_adapter, trained_weights)
+    from edgeqlora.qlora import dequantized_weights, load_trained
+
+    adapter = read_adapter(tiny["adapter"])
+    trained = load_trained(tiny["adapter"], device="cpu")
+    quantized = {n: t for n, t in iter_base_tensors(adapter.base_dir)
+                 if is_quantized_weight(n, t.shape)}
+    for cached in (False, True):  # dequantized now, or the cache's own tensors
+        with dequantized_weights(trained) if cached else torch.no_grad():
+            known = trained_weights(adapter, trained)
+            assert set(known) == set(quantized)  # every 4-bit layer found by its tensor name
+            for name, w in quantized.items():
+                assert torch.equal(known[name].float(), nf4_roundtrip(w.float(), adapter.quant))
+    # Quantized with other settings than the adapter records: not used (round-tripped instead).
+    adapter.manifest["quant"] = {**adapter.quant, "block_size": 128}
+    assert trained_weights(adapter, trained) == {}
+
+
+def test_auto_on_a_plain_lora_adapter_is_the_original_base(tiny, tmp_path):
+    from edgeqlora.errors import ConfigError
+    from edgeqlora.merge import merge_adapter
+
+    ad = make_adapter(tmp_path / "plain", tiny["base"], quant="none")
+    res = merge_adapter(ad, tmp_path / "m", merge_base="auto", eval_tokens=96)
+    assert res.merge_base == "original" and res.kld["original"] < 1e-6
+    for base in ("dequantized", "best"):
+        with pytest.raises(ConfigError, match=f"merge_base={base} needs an adapter trained on a "
+                                              "4-bit base.*quant=none.*merge_base=original"):
+            merge_adapter(ad, tmp_path / base, merge_base=base)
+        assert not (tmp_path / base).exists()
 
 
 def test_streamed_safetensors_reads_back_with_the_library(tiny, tmp_path):
@@ -182,7 +235,7 @@ def test_bad_merge_base_and_existing_output(tiny, tmp_path):
     from edgeqlora.errors import ConfigError, InputError
     from edgeqlora.merge import merge_adapter
 
-    with pytest.raises(ConfigError, match="auto, original, dequantized"):
+    with pytest.raises(ConfigError, match="auto, original, dequantized, best"):
         merge_adapter(tiny["adapter"], tmp_path / "out", merge_base="nf4")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("previous")

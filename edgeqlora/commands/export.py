@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import MERGE_BASES
 from ._common import add_config_args, load_cfg, show_progress
 
 HELP = "merge an adapter and export it (GGUF or ONNX), verified and parity-gated"
@@ -29,15 +30,17 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=int, default=None,
                    help="with --device: context window in tokens the memory is sized for "
                         "(default 2048)")
-    p.add_argument("--merge-base", default=None, choices=("auto", "original", "dequantized"),
-                   help="weights the adapter is merged into (default export.merge_base: auto)")
+    p.add_argument("--merge-base", default=None, choices=MERGE_BASES,
+                   help="weights the adapter is merged into (default export.merge_base: auto, "
+                        "the ones it was trained against)")
     p.add_argument("--adapter-only", action="store_true",
                    help="write a base GGUF plus a LoRA adapter GGUF instead of a merged model")
     p.add_argument("--adapter-quant", default="q8_0", help="adapter GGUF type: f32 f16 q8_0")
     p.add_argument("--min-top1", type=float, default=None,
-                   help="verification: minimum top-1 agreement with the merged model")
+                   help="verification: minimum top-1 agreement with the reference (the trained "
+                        "model; the merged one for --merge-base original/best)")
     p.add_argument("--max-kld", type=float, default=None,
-                   help="verification: maximum mean KL divergence from the merged model")
+                   help="verification: maximum mean KL divergence from that reference")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the parity gate against the trained model (recorded in the "
                         "manifest)")
@@ -117,8 +120,8 @@ def summary_rows(manifest: dict, target: str, out: str) -> list[tuple[str, str]]
     else:
         rows.append(("parity vs trained", str(gate)))
     if "top1" in check:
-        rows.append(("vs merged model", f"top-1 {check['top1']:.3f}, KLD {check['kld']:.5f} "
-                                        f"on {check['tokens']} held-out tokens"))
+        rows.append((f"vs {check.get('reference', 'reference')}", f"top-1 {check['top1']:.3f}, KLD {check['kld']:.5f} "
+                    f"on {check['tokens']} held-out tokens"))
         tok = check.get("tokenization", {})
         rows.append(("tokenization", f"{tok.get('identical')}/{tok.get('texts')} texts identical"))
     else:
