@@ -8,7 +8,13 @@ learning rate and number of steps. Each runs in its own subprocess so peak memor
 Tokens/s counts real (non-padding) tokens of the training examples divided by the time spent in
 optimizer steps (model loading and evaluation excluded, for both).
 
+``--device-quant gguf-q4_k_m`` adds our trainer on that device-aware base (the exact GGUF bytes
+the export ships, ``edgeqlora.device_base``) beside ours on NF4, with the frozen weights' memory
+computed for both as a GPU holds them (NF4: bitsandbytes' packed weights and scales; the device
+base: ``GGMLLinear``'s packed GGML rows) and each run's measured peak.
+
     python bench/train_throughput.py --steps 5 --out bench-train.json
+        [--device-quant gguf-q4_k_m]
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ def run_ours(args) -> dict:
         "batch_size": args.batch, "max_len": args.max_len, "lr": 2e-4, "warmup_steps": 1,
         "packing": not args.no_packing, "eval_examples": 0, "quant_report_tokens": 0,
         "save_every": 0, "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05,
+        "quant": args.quant,
     })
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp) / "run")
@@ -117,8 +124,44 @@ def run_baseline(args) -> dict:
             "peak_memory_mb": _peak_memory_mb(), "final_loss": out.training_loss}
 
 
-def _worker(kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--base", args.base,
+def weight_bits(base: str, quant: str) -> dict:
+    """Bits per weight of the decoder's linear layers as a GPU holds them while training (the
+    layers LoRA wraps; embeddings and norms stay dense in both)."""
+    import torch
+
+    from edgeqlora import qlora
+    from edgeqlora.base import resolve_base
+
+    path = resolve_base(base)
+    if quant.startswith("gguf-"):
+        from edgeqlora.device_base import load_device_base
+        from edgeqlora.ggml_torch import GGMLLinear
+
+        model = load_device_base(path, quant, "float32", "cpu", qlora.load_base, packed=True)
+        layers = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+        stored = sum(m.qweight.numel() for m in layers)
+        weights = sum(m.in_features * m.out_features for m in layers)
+    else:
+        import bitsandbytes as bnb
+
+        model = qlora.load_base(path, quant, True, "float32", "cpu")
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        stored = 0
+        for m in layers:
+            st = m.weight.quant_state
+            stored += m.weight.data.numel() + st.absmax.numel() * st.absmax.element_size()
+            if st.nested:
+                stored += st.state2.absmax.numel() * st.state2.absmax.element_size()
+        weights = sum(m.in_features * m.out_features for m in layers)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"layers": len(layers), "weights": weights, "bytes": stored,
+            "bits_per_weight": stored * 8 / weights}
+
+
+def _worker(kind: str, args, quant: str = "nf4") -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--base", args.base, "--quant", quant,
            "--steps", str(args.steps), "--batch", str(args.batch), "--max-len", str(args.max_len)]
     if args.no_packing:
         cmd.append("--no-packing")
@@ -135,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--no-packing", action="store_true", help="our trainer without packing")
+    p.add_argument("--device-quant", default=None,
+                   help="also our trainer on this device-aware base (e.g. gguf-q4_k_m)")
+    p.add_argument("--quant", default="nf4", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -146,6 +192,8 @@ def main(argv=None) -> int:
     import torch
 
     results = {"ours": _worker("ours", args), "baseline": _worker("baseline", args)}
+    if args.device_quant:
+        results["ours_device"] = _worker("ours", args, args.device_quant)
     ratio = results["ours"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     # On a shared machine wall time depends on the neighbours; CPU seconds measure the work.
     cpu_ratio = results["ours"]["tokens_per_cpu_s"] / results["baseline"]["tokens_per_cpu_s"]
@@ -157,6 +205,17 @@ def main(argv=None) -> int:
               "packing": not args.no_packing, "torch": torch.__version__, **results,
               "speedup": ratio, "speedup_per_cpu_s": cpu_ratio, "memory_ratio": mem_ratio,
               "load_average": os.getloadavg()}
+    if args.device_quant:
+        dev, nf4 = results["ours_device"], results["ours"]
+        bits = {"nf4": weight_bits(args.base, "nf4"),
+                args.device_quant: weight_bits(args.base, args.device_quant)}
+        report["device_aware"] = {
+            "quant": args.device_quant,
+            "tokens_per_s_vs_nf4": dev["tokens_per_s"] / nf4["tokens_per_s"],
+            "tokens_per_cpu_s_vs_nf4": dev["tokens_per_cpu_s"] / nf4["tokens_per_cpu_s"],
+            "peak_memory_vs_nf4": dev["peak_memory_mb"] / nf4["peak_memory_mb"],
+            "weight_memory": bits,
+            "weight_memory_vs_nf4": bits[args.device_quant]["bytes"] / bits["nf4"]["bytes"]}
 
     from rich.console import Console
     from rich.table import Table
@@ -165,7 +224,10 @@ def main(argv=None) -> int:
     for col in ("trainer", "tokens", "seconds", "tokens/s", "tokens/CPU-s", "peak memory MB",
                 "final loss"):
         table.add_column(col, justify="right" if col != "trainer" else "left")
-    for name, label in (("ours", "edgeqlora"), ("baseline", "HF Trainer")):
+    for name, label in (("ours", "edgeqlora"), ("ours_device", f"edgeqlora {args.device_quant}"),
+                        ("baseline", "HF Trainer")):
+        if name not in results:
+            continue
         r = results[name]
         table.add_row(label, f"{r['tokens']:,}", f"{r['seconds']:.1f}",
                       f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_cpu_s']:,.1f}",
@@ -176,6 +238,14 @@ def main(argv=None) -> int:
           "Trainer + PEFT + bitsandbytes NF4, padded batches")
     print(f"speedup {ratio:.2f}x tokens/s ({cpu_ratio:.2f}x tokens per CPU-second); "
           f"peak memory ratio {mem_ratio:.2f}")
+    if args.device_quant:
+        d = report["device_aware"]
+        print(f"{args.device_quant} vs NF4: {d['tokens_per_s_vs_nf4']:.2f}x tokens/s "
+              f"({d['tokens_per_cpu_s_vs_nf4']:.2f}x per CPU-second), peak memory "
+              f"{d['peak_memory_vs_nf4']:.2f}x; linear weights as a GPU holds them "
+              + ", ".join(f"{k} {v['bits_per_weight']:.2f} bits" for k, v in
+                          d["weight_memory"].items())
+              + f" = {d['weight_memory_vs_nf4']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -19,7 +19,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-QUANT_CHOICES = ("nf4", "fp4", "int8", "none")
+QUANT_CHOICES = ("nf4", "fp4", "int8", "none", "gguf-q4_0", "gguf-q4_k_m", "gguf-q5_k_m",
+                 "gguf-q6_k", "gguf-q8_0")
 TARGET_PRESETS = ("all-linear", "attention")
 MERGE_BASES = ("auto", "original", "dequantized", "best")
 
@@ -67,7 +68,8 @@ class Config:
     base: str = "embedded"
     data: str = "embedded:iot"
     eval_data: str = ""
-    # 4-bit base (bitsandbytes): nf4 | fp4, or int8 / none to compare.
+    # 4-bit base (bitsandbytes): nf4 | fp4, or int8 / none to compare; or the exact base a device
+    # runs (device-aware QLoRA, edgeqlora.device_base): gguf-q4_k_m, gguf-q4_0, gguf-q8_0, ...
     quant: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "auto"

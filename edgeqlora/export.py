@@ -41,6 +41,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import device_base as DB
 from . import export_device as D
 from . import export_inputs as inputs
 from .artifacts import atomic_dir, prepare_output, versions, write_manifest
@@ -52,8 +53,20 @@ log = logging.getLogger(__name__)
 VERSIONS = ("edgeqlora", "gguf", "llama_cpp_python", "onnx", "onnxruntime", "onnx-ir",
             "onnxruntime-genai", "torch", "transformers", "peft", "bitsandbytes", "safetensors",
             "tokenizers")
-MANIFEST_ORDER = ("target", "quant", "quant_mix", "adapter_only", "merge", "verification",
+MANIFEST_ORDER = ("target", "quant", "quant_mix", "adapter_only", "device_aware", "merge",
+                  "verification",
                   "exporter", "source", "versions", "parity")
+
+
+def adapter_quant_record(adapter_dir) -> dict[str, Any]:
+    """The adapter manifest's ``quant`` section (read again, and verified, by the merge stage);
+    {} when there is none to read, so that stage gives the error."""
+    from .artifacts import read_json
+
+    try:
+        return (read_json(Path(adapter_dir) / "manifest.json") or {}).get("quant") or {}
+    except (EdgeQloraError, OSError, AttributeError):
+        return {}
 
 
 def thresholds_for(exporter, quant: str, cfg=None, overrides: dict[str, float] | None = None
@@ -93,7 +106,8 @@ def _fail_closed(check: dict[str, Any]) -> dict[str, Any]:
 
 def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "gguf",
                    quant: str | None = None, merge_base: str = "auto",
-                   adapter_only: bool = False, adapter_quant: str = "q8_0",
+                   adapter_only: bool = False, adapter_quant: str | None = None,
+                   merge: bool = False,
                    force: bool = False, eval_tokens: int = 2048,
                    thresholds: dict[str, float] | None = None, cfg=None,
                    progress: bool = False, parity: bool = False,
@@ -106,6 +120,12 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     ``parity`` the export is also run through the parity gate against the trained model before
     it is shipped; the results go in the manifest.
 
+    A device-aware adapter (trained on ``quant=gguf-q4_k_m`` etc., ``device_base``) is exported
+    unmerged: the base GGUF written with the same function it was trained on (each tensor checked
+    against the adapter's sha256) plus the LoRA GGUF at the adapter's own precision
+    (``adapter_quant`` overrides), verified against the trained model. Another target or quant
+    is refused unless ``merge`` (merge into the trained base's weights and re-quantize).
+
     ``device`` (a profile name, a .toml path or a ``DeviceProfile``) chooses the quant for that
     device at ``context`` tokens; with ``quant`` too, that quant is exported only if it fits.
     Under ``device``, ``force`` only allows replacing ``out_dir``: an export that fails
@@ -116,6 +136,15 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     from .exporters import get_exporter
 
     exporter = get_exporter(target)
+    trained_quant = DB.export_quant(adapter_quant_record(adapter_dir), adapter_dir, target, quant) \
+        if not merge else None
+    if trained_quant is not None:  # device-aware: the trained base + the LoRA, unmerged
+        quant, adapter_only = trained_quant, True
+        adapter_quant = adapter_quant or DB.lora_precision(Path(adapter_dir))
+    adapter_quant = adapter_quant or "q8_0"
+    if merge:
+        DB.check_merge(adapter_quant_record(adapter_dir), adapter_dir, target,
+                       quant or exporter.DEFAULT_QUANT, merge_base)
     profile, explicit = None, quant is not None
     if device is not None:
         profile, candidates, tried = D.candidates_for(exporter, target, device, quant,
@@ -145,9 +174,21 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                       explicit, out_dir)
     scratch = _scratch(out_dir)
     try:
+        check = None
         if from_adapter:
             model_dir, lora, merge_record = inputs.from_adapter_inputs(adapter, scratch, options)
             reference = inputs.trained_reference(adapter, model_dir, eval_tokens)
+        elif trained_quant is not None:
+            model_dir = scratch / "base"
+            model_dir.mkdir()
+            M.write_merged(adapter, model_dir, "original", with_lora=False)
+            lora, merge_record = inputs.lora_arrays(adapter), None
+            reference = inputs.trained_reference(adapter, model_dir, eval_tokens, n_texts=16)
+            recorded = adapter.quant.get("device") or {}
+
+            def check(tmp: Path, info: dict[str, Any]) -> None:
+                info["device_base_tensors_checked"] = DB.check_written(
+                    tmp / info["model_file"], recorded)
         else:
             merged = scratch / "merged"
             merged.mkdir()
@@ -161,13 +202,16 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
             if adapter_only:
                 model_dir = scratch / "base"
                 model_dir.mkdir()
-                M.write_merged(adapter, model_dir, result.merge_base, with_lora=False)
+                M.write_merged(adapter, model_dir, result.merge_base, with_lora=False,
+                               dequantized=M.dequantized_base(adapter)
+                               if result.merge_base == "dequantized" else None)
                 lora = inputs.lora_arrays(adapter)
             reference = inputs.merged_reference(merged, adapter.manifest, eval_tokens,
                                                 known=getattr(result, "logits", None))
         base_record = {
             "target": target,
             "adapter_only": adapter_only,
+            "device_aware": trained_quant is not None,
             "merge": merge_record,
             "source": {
                 "adapter": str(Path(adapter_dir).resolve()),
@@ -187,7 +231,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                         f"{profile.usable_mb} MiB usable)" if predicted else ""))
             job = _Job(exporter, q, model_dir, lora, adapter_quant, calibrations.get(q),
                        reference, thresholds_for(exporter, q, cfg, thresholds), options,
-                       progress)
+                       progress, check)
             try:
                 with atomic_dir(out_dir, force=force, what="export") as tmp:
                     return _write_one(job, tmp, out_dir, base_record, force, gate, profile,
@@ -247,11 +291,12 @@ class _Job:
     """One quant to write and verify, with everything the exporter needs."""
 
     def __init__(self, exporter, quant, model_dir, lora, adapter_quant, calibration, reference,
-                 thresholds, options, progress):
+                 thresholds, options, progress, check=None):
         self.exporter, self.quant, self.model_dir, self.lora = exporter, quant, model_dir, lora
         self.adapter_quant, self.calibration = adapter_quant, calibration
         self.reference, self.thresholds = reference, thresholds
         self.options, self.progress = options, progress
+        self.check = check  # (tmp, info) -> None: raises if the written files are not right
 
 
 def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any], force: bool,
@@ -267,6 +312,8 @@ def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any],
     info = job.exporter.write_export(job.model_dir, tmp, quant, lora=job.lora,
                                      calibration=job.calibration, progress=job.progress,
                                      **kwargs, **job.options)
+    if job.check is not None:
+        job.check(tmp, info)
     check = _fail_closed(job.exporter.verify_export(tmp, info, job.reference, job.thresholds))
     check.setdefault("reference", job.reference.label)
     if not check["passed"]:

@@ -125,7 +125,8 @@ def merged_reference(merged: Path, manifest: dict[str, Any], eval_tokens: int,
     return ref
 
 
-def trained_reference(adapter, model_dir: Path, eval_tokens: int) -> VerifySet:
+def trained_reference(adapter, model_dir: Path, eval_tokens: int,
+                      n_texts: int = 0) -> VerifySet:
     """Held-out sequences and the trained model's logits (4-bit base + LoRA, as trained)."""
     def load():
         from .qlora import dequantized_weights, load_trained
@@ -140,8 +141,11 @@ def trained_reference(adapter, model_dir: Path, eval_tokens: int) -> VerifySet:
 
     tok = tokenizer(model_dir)
     seqs = heldout_sequences(adapter.manifest, tok, eval_tokens)
-    return VerifySet(seqs, batched(seqs, load), verification_texts(adapter.manifest, tok, 0),
-                     text_ids(tok), label="trained model (NF4 + LoRA)")
+    base = adapter.quant.get("quant", "nf4")
+    return VerifySet(seqs, batched(seqs, load),
+                     verification_texts(adapter.manifest, tok, n_texts), text_ids(tok),
+                     label=f"trained model ({base.upper() if base in ('nf4', 'fp4') else base}"
+                           " + LoRA)")
 
 
 def batched(seqs: list[list[int]], load):

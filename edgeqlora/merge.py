@@ -304,9 +304,11 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
             for name, tensor in _progress(iter_base_tensors(adapter.base_dir), len(specs),
                                           "merging", progress):
                 w = tensor.float()
-                if merge_base == "dequantized" and is_quantized_weight(name, w.shape):
-                    known = (dequantized or {}).get(name)
-                    w = known.float() if known is not None else nf4_roundtrip(w, adapter.quant)
+                known = (dequantized or {}).get(name) if merge_base == "dequantized" else None
+                if known is not None:
+                    w = known.float()
+                elif merge_base == "dequantized" and is_quantized_weight(name, w.shape):
+                    w = nf4_roundtrip(w, adapter.quant)
                 d = adapter.deltas.get(name) if with_lora else None
                 if d is not None:
                     # fp32 add: in bf16 the low bits of a small delta would be lost.
@@ -386,8 +388,8 @@ def resolve_merge_base(adapter: Adapter, merge_base: str) -> str:
         raise ConfigError(f"merge_base={merge_base!r} is not one of {', '.join(MERGE_BASES)}")
     quant = adapter.quant.get("quant", "nf4")
     if merge_base == "auto":
-        return "dequantized" if quant in FOUR_BIT else "original"
-    if merge_base in ("dequantized", "best") and quant not in FOUR_BIT:
+        return "dequantized" if _quantized(quant) else "original"
+    if merge_base in ("dequantized", "best") and not _quantized(quant):
         raise ConfigError(f"merge_base={merge_base} needs an adapter trained on a 4-bit base "
                           f"(quant=nf4 or fp4); {adapter.dir} was trained with quant={quant}: "
                           "merge into its original weights (merge_base=original or auto)")
@@ -398,7 +400,28 @@ def reproduces_trained(adapter: Adapter, base: str) -> bool:
     """Whether merging into ``base`` gives the trained model up to float rounding: the
     dequantized 4-bit weights, or the original ones of a plain-LoRA adapter."""
     quant = adapter.quant.get("quant", "nf4")
-    return (base == "dequantized") == (quant in FOUR_BIT) and quant != "int8"
+    return (base == "dequantized") == _quantized(quant) and quant != "int8"
+
+
+def _quantized(quant: str) -> bool:
+    """Trained on a quantized base with a static dequantized weight: NF4/FP4 or a device base."""
+    from .device_base import is_device_quant
+
+    return quant in FOUR_BIT or is_device_quant(quant)
+
+
+def dequantized_base(adapter: Adapter, trained=None) -> dict[str, Any] | None:
+    """The weights a ``dequantized`` merge takes as they are: a device-aware adapter's device
+    base (every tensor, checked against the manifest's sha256s), or the trained model's own
+    dequantized 4-bit weights when it is loaded; None: round-trip through bitsandbytes."""
+    from .device_base import check_recorded, device_state, is_device_quant
+
+    quant = adapter.quant.get("quant", "nf4")
+    if is_device_quant(quant):
+        state, record = device_state(adapter.base_dir, quant)
+        check_recorded(record, adapter.quant.get("device"), f"adapter {adapter.dir}")
+        return state
+    return trained_weights(adapter, trained) if trained is not None else None
 
 
 def _merge_into(adapter: Adapter, out: Path, merge_base: str, dtype: str, eval_tokens: int,
@@ -417,8 +440,7 @@ def _merge_into(adapter: Adapter, out: Path, merge_base: str, dtype: str, eval_t
         from .qlora import load_trained
 
         trained = load_trained(adapter.dir, device="cpu")
-    known = trained_weights(adapter, trained) if trained is not None and \
-        base == "dequantized" else None
+    known = dequantized_base(adapter, trained) if base == "dequantized" else None
     result.merged_modules = write_merged(adapter, out, base, dtype, progress=progress,
                                          dequantized=known)
     if measure:
@@ -445,8 +467,7 @@ def _keep_best(adapter: Adapter, out: Path, result: MergeResult, eval_tokens: in
         for base in ("original", "dequantized"):
             d = Path(scratch) / base
             d.mkdir()
-            known = trained_weights(adapter, trained) if trained is not None and \
-                base == "dequantized" else None
+            known = dequantized_base(adapter, trained) if base == "dequantized" else None
             result.merged_modules = write_merged(adapter, d, base, result.dtype,
                                                  progress=progress, dequantized=known)
             cands[base] = d

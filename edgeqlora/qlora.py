@@ -192,7 +192,8 @@ def load_base(path, quant: str = "nf4", double_quant: bool = True, compute_dtype
     """Load a local Hugging Face causal LM directory with quantized (or plain) weights.
 
     quant: ``nf4`` | ``fp4`` (bitsandbytes 4-bit, blocks of 64, ``double_quant`` quantizes the
-    block scales too), ``int8`` (LLM.int8), ``none`` (weights in the compute dtype: plain LoRA).
+    block scales too), ``int8`` (LLM.int8), ``none`` (weights in the compute dtype: plain LoRA),
+    or a device base (``gguf-q4_k_m`` etc.: the exact bytes the export ships, ``device_base``).
     Non-quantized parameters (embeddings, norms) are kept in fp32 for quantized bases, as in the
     QLoRA paper. The returned model is guarded against the CPU repack trap.
     """
@@ -205,8 +206,13 @@ def load_base(path, quant: str = "nf4", double_quant: bool = True, compute_dtype
     if not (path / "config.json").is_file():
         raise InputError(f"base model {path} is not a Hugging Face model directory "
                          "(no config.json); pass base=embedded or a local model directory")
+    from .device_base import DEVICE_QUANTS, load_device_base
+
+    if quant in DEVICE_QUANTS:
+        return load_device_base(path, quant, compute_dtype, device, load_base)
     if quant not in ("nf4", "fp4", "int8", "none"):
-        raise ConfigError(f"quant={quant!r} is not one of nf4, fp4, int8, none")
+        raise ConfigError(f"quant={quant!r} is not one of nf4, fp4, int8, none, "
+                          f"{', '.join(DEVICE_QUANTS)}")
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
     qconfig = _bnb_config(quant, double_quant, dtype)
@@ -253,6 +259,10 @@ def quant_info(model, quant: str, double_quant: bool) -> dict[str, Any]:
             break
     if info["compute_dtype"] is None:
         info["compute_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    record = getattr(model, "edgeqlora_device_base", None)
+    if record is not None:
+        info["double_quant"] = False
+        info["device"] = record
     return info
 
 
@@ -261,10 +271,12 @@ def linear_layer_names(model) -> list[str]:
     excluded: the names LoRA can target."""
     import torch
 
+    from .ggml_torch import GGMLLinear
+
     names = set()
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Linear) and leaf not in OUTPUT_LAYERS and \
+        if isinstance(module, (torch.nn.Linear, GGMLLinear)) and leaf not in OUTPUT_LAYERS and \
                 ".lora_" not in name and "base_layer" != leaf:
             names.add(leaf)
     return sorted(names)
@@ -306,6 +318,12 @@ def attach_lora(model, lora_cfg):
         target_modules=targets, use_rslora=lora_cfg.rslora, use_dora=lora_cfg.dora,
         bias="none", task_type="CAUSAL_LM",
     )
+    from .device_base import is_packed
+
+    if is_packed(model):  # a device-aware base holding packed GGML layers (GPU)
+        from .ggml_torch import register_lora
+
+        register_lora(peft_cfg)
     with warnings.catch_warnings():
         # peft 0.21 calls a transformers 5 property that warns about its own rename.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -349,7 +367,20 @@ def load_trained(adapter_dir, device=None):
                       double_quant=quant.get("double_quant", True),
                       compute_dtype=_trained_dtype(quant.get("compute_dtype", "auto"), device),
                       device=device)
-    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    if getattr(model, "edgeqlora_device_base", None) is not None:
+        from .device_base import check_recorded
+
+        check_recorded(model.edgeqlora_device_base, quant.get("device"), f"adapter {adapter_dir}")
+    kwargs = {}
+    from .device_base import is_packed
+
+    if is_packed(model):
+        from peft import LoraConfig
+
+        from .ggml_torch import register_lora
+
+        kwargs["config"] = register_lora(LoraConfig.from_pretrained(adapter_dir))
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, **kwargs)
     guard_cpu_4bit(model)
     model.eval()
     return model

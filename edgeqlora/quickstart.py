@@ -173,7 +173,8 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
         size = sum(f["size_bytes"] for f in em.get("files", {}).values())
         exports.append({"name": name, "target": target, "quant": quant,
                         "path": str(out / "exports" / name), "size_bytes": int(size),
-                        "merge_base": em.get("merge", {}).get("merge_base")})
+                        "merge_base": (em.get("merge") or {}).get("merge_base"),
+                        "device_aware": bool(em.get("device_aware"))})
 
     # 3. Parity of every export against the trained model (NF4 base + adapter, in torch).
     parity: dict[str, Any] = {}

@@ -34,6 +34,7 @@ from .checkpoints import (StopRequest, check_out, checkpoint_dir, claim_out, loa
 from .checkpoints import RESUMABLE_CHANGES, RUN_ENTRIES  # noqa: F401
 from .config import Config, to_dict
 from .distributed import Distributed, loss_module
+from .device_base import check_model as device_check, is_device_quant
 from .errors import ConfigError, TrainingError
 from .train_report import Evaluator, Metrics, Progress, final_table, jsonable
 
@@ -56,6 +57,8 @@ def train(cfg: Config, out: Path) -> Path:
     # 1. Data: the base's tokenizer and chat template, loss on assistant tokens only. (Inputs
     # are checked before anything is written.)
     base_path = resolve_base(cfg.base)
+    if is_device_quant(cfg.quant):  # the exporter must be able to write this base
+        device_check(base_path, cfg.quant)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)

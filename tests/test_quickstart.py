@@ -36,6 +36,7 @@ def test_quickstart_layout_and_summary(tiny_model_dir, tmp_path, capsys):
         assert e["size_bytes"] > 0 and e["target"] in ("gguf", "onnx")
         for key in ("exact_match", "kld", "top1", "decode_tokens_per_s"):
             assert key in e
+        assert e["device_aware"] is False  # the quickstart's NF4 adapter, merged
     assert (out / "parity" / "parity.json").is_file()
     assert data["samples"] and "answer" in data["samples"][0]
     assert "edgeqlora quickstart" in capsys.readouterr().out

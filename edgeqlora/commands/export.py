@@ -35,7 +35,13 @@ def add_arguments(p) -> None:
                         "the ones it was trained against)")
     p.add_argument("--adapter-only", action="store_true",
                    help="write a base GGUF plus a LoRA adapter GGUF instead of a merged model")
-    p.add_argument("--adapter-quant", default="q8_0", help="adapter GGUF type: f32 f16 q8_0")
+    p.add_argument("--adapter-quant", default=None,
+                   help="adapter GGUF type: f32 f16 q8_0 (default q8_0; a device-aware "
+                        "adapter: its own precision)")
+    p.add_argument("--merge", action="store_true",
+                   help="a device-aware adapter (quant=gguf-*): merge it into its trained base "
+                        "and re-quantize, to another target or quant (the parity gate says "
+                        "what that costs) instead of shipping the trained base + LoRA")
     p.add_argument("--min-top1", type=float, default=None,
                    help="verification: minimum top-1 agreement with the reference (the trained "
                         "model; the merged one for --merge-base original/best)")
@@ -67,12 +73,17 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..export import export_adapter
 
+    from ..device_base import device_target
+    from ..export import adapter_quant_record
+
     cfg = load_cfg(args)
-    target = args.target or cfg.export.target
+    trained_for = None if args.merge else device_target(adapter_quant_record(args.adapter))
+    target = args.target or (trained_for[0] if trained_for else cfg.export.target)
     # export.quant names a GGUF type; other targets use their own default unless asked. With
-    # --device the quant is the device's choice unless --quant names one.
+    # --device the quant is the device's choice unless --quant names one; a device-aware
+    # adapter's is the one it was trained on.
     quant = args.quant or (cfg.export.quant if target == cfg.export.target and not args.device
-                           else None)
+                           and not trained_for else None)
     if args.device is None and args.context is not None:
         raise ConfigError("--context sizes the memory for --device; pass --device too (the "
                           "ONNX runtime's own context is --context-length)")
@@ -88,6 +99,7 @@ def run(args) -> int:
     manifest = export_adapter(Path(args.adapter), Path(args.out), target=target, quant=quant,
                               merge_base=args.merge_base or cfg.export.merge_base,
                               adapter_only=args.adapter_only, adapter_quant=args.adapter_quant,
+                              merge=args.merge,
                               force=args.force, eval_tokens=cfg.export.eval_tokens, cfg=cfg,
                               thresholds={"min_top1": args.min_top1, "max_kld": args.max_kld},
                               progress=show_progress(), parity=not args.no_parity,
@@ -102,12 +114,14 @@ def run(args) -> int:
 
 def summary_rows(manifest: dict, target: str, out: str) -> list[tuple[str, str]]:
     """The export's summary table (label, value) from its manifest."""
-    merge, check = manifest.get("merge", {}), manifest.get("verification", {})
+    merge, check = manifest.get("merge") or {}, manifest.get("verification", {})
     klds = ", ".join(f"{k} {v:.4f}" for k, v in merge.get("kld", {}).items())
     mix = ", ".join(f"{k}x{v}" for k, v in sorted((manifest.get("quant_mix") or {}).items()))
     rows = [("export", out), ("target / quant", f"{target} / {manifest['quant']}"),
             ("tensor types", mix),
-            ("merge base", str(merge.get("merge_base", "none (unmerged)"))
+            ("merge base", str(merge.get("merge_base", "none: the trained base + LoRA, unmerged"
+                                           if manifest.get("device_aware") else
+                                           "none (unmerged)"))
              + (f" (KLD vs trained: {klds})" if klds else "")),
             ("verification", "passed" if check.get("passed") else
              "FAILED (kept with --force): " + "; ".join(check.get("problems", [])))]

@@ -18,7 +18,8 @@ Interface: ``QUANTS``, ``DEFAULT_QUANT``, ``DEFAULT_OPTIONS``, ``check_quant``,
 ``check_options``, ``check_model``, ``default_thresholds``, ``calibration_request``,
 ``write_export``, ``verify_export``, ``predict``. The writer's functions (``write_model_gguf``,
 ``quantize_gguf``, ``write_lora_gguf``, ``plan_tensors``, ``read_config``, ``read_back``) are
-exported too, for scripts and benchmarks. Importing the package loads neither torch nor gguf.
+exported too, for scripts and benchmarks; ``tensor_bytes`` and ``tensor_digests`` for the
+device-aware base (``edgeqlora.device_base``). Importing the package loads neither torch nor gguf.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from .options import (DEFAULT_OPTIONS, VERIFY_THRESHOLDS, calibration_request, c
                       default_thresholds)
 from .plan import plan_tensors
 from .predict import predict
-from .verify import read_back
-from .writer import quantize_gguf, write_model_gguf
+from .verify import read_back, tensor_digests
+from .writer import quantize_gguf, tensor_bytes, write_model_gguf
 
 __all__ = [
     "ADAPTER_QUANTS", "DEFAULT_OPTIONS", "DEFAULT_QUANT", "DIRECT_QUANTS", "K_QUANTS", "QUANTS",
     "VERIFY_THRESHOLDS", "calibration_request", "check_adapter_quant", "check_model",
-    "check_options", "check_quant", "default_thresholds", "plan_tensors", "predict", "quantize_gguf", "read_back", "read_config", "verify_export",
+    "check_options", "check_quant", "default_thresholds", "plan_tensors", "predict",
+    "quantize_gguf", "read_back", "read_config", "tensor_bytes", "tensor_digests", "verify_export",
     "write_export", "write_lora_gguf", "write_model_gguf",
 ]

@@ -28,6 +28,14 @@ def permute_qk(w, n_head: int, n_head_kv: int | None):
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def unpermute_qk(w, n_head: int, n_head_kv: int | None):
+    """The inverse of ``permute_qk``: ggml's interleaved pairs back to HF's rotate-half rows."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
 def encode(data, qtype):
     """numpy array in the on-disk form of ``qtype`` (gguf.quants, bit-exact with ggml)."""
     import gguf

@@ -58,6 +58,22 @@ def check_structure(path: Path, plan: list[dict[str, Any]] | None,
     return problems
 
 
+def tensor_digests(path: str | Path) -> dict[str, str]:
+    """sha256 of each tensor's data in a GGUF file, by GGUF tensor name (read from the header's
+    offsets, one tensor at a time)."""
+    import hashlib
+
+    from edgeqlora.runtimes.gguf_header import read_gguf_header
+
+    _, tensors = read_gguf_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for t in tensors:
+            f.seek(t.offset)
+            out[t.name] = hashlib.sha256(f.read(t.n_bytes)).hexdigest()
+    return out
+
+
 def tokenization_parity(runtime, reference) -> dict[str, Any]:
     """Do llama.cpp (the GGUF's vocabulary) and the reference tokenizer give the same ids for
     every text of ``reference``, special tokens added as each adds them?"""

@@ -67,18 +67,46 @@ class _StreamedTensor:
             # No copy when the checkpoint is already fp32 (the merge writes fp32).
             return np.asarray(data, dtype=np.float32)
 
-    def tofile(self, fout) -> None:
+    def chunks(self):
+        """The tensor's on-disk bytes, as numpy arrays of consecutive row chunks."""
         shape = self.t["shape"]
         if self.heads is not None or len(shape) < 2:
             data = self._read()
             if self.heads is not None:
                 data = permute_qk(data, *self.heads)
-            self._encode(data).tofile(fout)
+            yield self._encode(data)
             return
         rows = max(1, self.chunk_bytes // (4 * math.prod(shape[1:])))
         for start in range(0, shape[0], rows):
             stop = min(start + rows, shape[0])  # safetensors slices do not clamp
-            self._encode(self._read(start, stop)).tofile(fout)
+            yield self._encode(self._read(start, stop))
+
+    def tofile(self, fout) -> None:
+        for chunk in self.chunks():
+            chunk.tofile(fout)
+
+
+def _heads(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    n_head = cfg["num_attention_heads"]
+    return {"q": (n_head, n_head), "k": (n_head, cfg.get("num_key_value_heads", n_head))}
+
+
+def tensor_bytes(model_dir: str | Path, quant: str, plan: list[dict[str, Any]] | None = None):
+    """``(plan entry, bytes)`` for every tensor of ``model_dir``'s GGUF at ``quant``, in plan
+    order: the bytes ``write_model_gguf`` writes for it (the same ``_StreamedTensor``, into
+    memory instead of a file). A device-aware base (``edgeqlora.device_base``) is the
+    dequantization of these, so training and export share one quantization."""
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    plan = plan if plan is not None else plan_tensors(model_dir, cfg, quant)
+    if plan is None:
+        raise ConfigError(f"{model_dir}: llama.cpp's {quant} mix for this model uses a rule "
+                          "the direct writer does not have (80-layer models); a device-aware "
+                          "base needs a mix the writer reproduces")
+    heads = _heads(cfg)
+    for t in plan:
+        st = _StreamedTensor(t, heads.get(t["permute"]), STREAM_CHUNK_BYTES)
+        yield t, b"".join(chunk.tobytes() for chunk in st.chunks())
 
 
 def model_writer(cfg: dict[str, Any], tokenizer_dir: Path, quant: str, name: str,
@@ -127,8 +155,7 @@ def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
                           "the direct writer does not have; quantize an F32 GGUF with "
                           "quantize_gguf instead")
     w, vocab = model_writer(cfg, model_dir, quant, name, plan)
-    n_head = cfg["num_attention_heads"]
-    heads = {"q": (n_head, n_head), "k": (n_head, cfg.get("num_key_value_heads", n_head))}
+    heads = _heads(cfg)
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
