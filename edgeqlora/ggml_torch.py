@@ -176,24 +176,25 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _dequant_q4_k(blocks):
-    # Q4_K.dequantize_blocks: (d * sc) * q - (dmin * m), 8 sub-blocks of 32.
+def _k4_scales(blocks):
+    """Q4_K/Q5_K: per 32-weight sub-block, ``d * sc`` and ``dmin * m`` ([n, 8, 1] each)."""
     n = blocks.shape[0]
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     sc, m = _scale_min_k4(blocks[:, 4:16])
-    d = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    dm = (dmin * m.to(torch.float32)).reshape(n, 8, 1)
+    return ((d * sc.to(torch.float32)).reshape(n, 8, 1),
+            (dmin * m.to(torch.float32)).reshape(n, 8, 1))
+
+
+def _dequant_q4_k(blocks):
+    # Q4_K.dequantize_blocks: (d * sc) * q - (dmin * m), 8 sub-blocks of 32.
+    n, (d, dm) = blocks.shape[0], _k4_scales(blocks)
     q = _bits(blocks[:, 16:], 32, 4).reshape(n, 8, 32).to(torch.float32)
     return (d * q - dm).reshape(n, 256)
 
 
 def _dequant_q5_k(blocks):
     # Q5_K.dequantize_blocks: as Q4_K with a fifth bit from qh.
-    n = blocks.shape[0]
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    sc, m = _scale_min_k4(blocks[:, 4:16])
-    d = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    dm = (dmin * m.to(torch.float32)).reshape(n, 8, 1)
+    n, (d, dm) = blocks.shape[0], _k4_scales(blocks)
     ql = _bits(blocks[:, 48:], 32, 4).reshape(n, 8, 32)
     qh = _bits(blocks[:, 16:48], 32, 1).reshape(n, 8, 32)
     q = (ql | (qh << 4)).to(torch.float32)
