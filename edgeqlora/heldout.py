@@ -4,8 +4,11 @@ Torch-free (part of the core): the tokenizer is passed in, any object with Huggi
 ``apply_chat_template`` / ``__call__`` interface.
 
 - ``heldout_conversations`` / ``heldout_sequences``: conversations the adapter was not trained
-  on, chosen as the trainer chooses its eval rows, and their token ids (chat template applied as
-  in training). Export verification, the merge-base choice and the parity gate measure on them.
+  on (the first of the held-out split), and their token ids (chat template applied as in
+  training). Export verification and the parity gate's logits measure on them.
+- ``sample_rows`` / ``heldout_examples``: the fixed sample of held-out examples the trainer
+  scores its greedy answers on; the parity gate scores the same rows, so the two exact-match
+  figures are of the same commands.
 - ``verification_texts``: held-out prompts as the device renders them plus ``TOKENIZER_PROBES``,
   texts whose tokenization must survive an export byte for byte.
 - ``calibration_sequences``: the one way calibration rows are made, for the GGUF importance
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +44,40 @@ def training_data_spec(manifest: dict[str, Any]) -> str:
     return str((manifest.get("data") or {}).get("spec") or config.get("data") or "")
 
 
-def heldout_conversations(manifest: dict[str, Any], n: int = 64) -> list[list[dict]]:
-    """Held-out chat conversations for the data the adapter was trained on, chosen as the
-    trainer chooses its eval rows: the config's ``eval_data``, else the embedded task's held-out
-    split (``embedded:iot:eval``) for embedded data, else the embedded held-out split as generic
-    text (any text the model was not trained on measures agreement)."""
-    from .rows import load_dataset
-
+def _heldout_spec(manifest: dict[str, Any]) -> str:
+    """The config's ``eval_data``, else the embedded task's held-out split for embedded data,
+    else the embedded held-out split as generic text (any text the model was not trained on
+    measures agreement)."""
     config = manifest.get("config") or {}
     data_spec = training_data_spec(manifest)
     spec = config.get("eval_data") or (EMBEDDED_EVAL if data_spec.startswith("embedded:")
                                        or not data_spec else "")
-    rows = [r for r in load_dataset(spec or EMBEDDED_EVAL).rows if r.get("messages")]
+    return spec or EMBEDDED_EVAL
+
+
+def heldout_conversations(manifest: dict[str, Any], n: int = 64) -> list[list[dict]]:
+    """The first ``n`` held-out chat conversations for the data the adapter was trained on."""
+    from .rows import load_dataset
+
+    rows = [r for r in load_dataset(_heldout_spec(manifest)).rows if r.get("messages")]
     return [r["messages"] for r in rows[:n]]
+
+
+def sample_rows(rows: list, n: int) -> list:
+    """A fixed sample of ``n`` of ``rows`` (the same every run, spread over the split, so a mix
+    of its kinds), in their order: the rows the trainer scores and the parity gate scores."""
+    if len(rows) <= n:
+        return list(rows)
+    return [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), n))]
+
+
+def heldout_examples(manifest: dict[str, Any], n: int) -> list[list[dict]]:
+    """The held-out conversations the trainer scored its greedy answers on (``sample_rows`` of
+    the held-out split), for the parity gate to score the same commands."""
+    from .rows import load_dataset
+
+    rows = sample_rows(load_dataset(_heldout_spec(manifest)).rows, n)
+    return [r["messages"] for r in rows if r.get("messages")]
 
 
 def chat_ids(tokenizer, messages: list[dict], **kwargs: Any) -> list[int]:

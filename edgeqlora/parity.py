@@ -125,11 +125,12 @@ class TaskSet:
 
 def task_set(manifest: Mapping[str, Any], n: int) -> TaskSet:
     """The held-out rows the adapter's manifest points to (the trainer's eval data, or the
-    embedded IoT task's held-out split), as the export stage picks them."""
-    from .heldout import heldout_conversations
+    embedded IoT task's held-out split): the sample the trainer scored (``heldout_examples``),
+    so the reference's exact match is the trainer's, command for command."""
+    from .heldout import heldout_examples
     from .tasks import iot
 
-    convs = [c for c in heldout_conversations(dict(manifest), n)
+    convs = [c for c in heldout_examples(dict(manifest), n)
              if any(m.get("role") == "assistant" for m in c)]
     if not convs:
         raise InputError("the adapter's held-out data has no conversation with an answer")

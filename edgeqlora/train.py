@@ -36,6 +36,7 @@ from .config import Config, to_dict
 from .distributed import Distributed, loss_module
 from .device_base import check_model as device_check, is_device_quant
 from .errors import ConfigError, TrainingError
+from .heldout import sample_rows
 from .train_report import Evaluator, Metrics, Progress, final_table, jsonable
 
 
@@ -241,11 +242,7 @@ def _eval_rows(cfg: Config) -> list[dict]:
                              else "")
     if not spec or cfg.eval_examples == 0:
         return []
-    rows = load_dataset(spec).rows
-    if len(rows) > cfg.eval_examples:
-        keep = sorted(random.Random(0).sample(range(len(rows)), cfg.eval_examples))
-        rows = [rows[i] for i in keep]
-    return rows
+    return sample_rows(load_dataset(spec).rows, cfg.eval_examples)
 
 
 def _take(state: dict, n_examples: int, count: int, seed: int) -> list[int]:

@@ -317,3 +317,22 @@ def test_parity_real_reference_vs_gguf_export(tmp_path, tiny_model_dir, tokenize
     assert report["failures"]["export-q8_0"] == []
     assert q8["all"]["mean_kld"] < 0.05 and q8["all"]["top1"] > 0.9
     assert q8["task"]["prompt_token_mismatches"] == 0
+
+
+def test_the_parity_task_set_is_the_trainers_eval_sample():
+    """The trainer scores a fixed sample of the held-out split, and the parity gate's reference
+    scores the same commands: before, the gate took the first rows, so the quickstart's two
+    exact-match figures of the same model (80 % and 75 %) were of different commands. On the
+    device-aware quickstart adapter both now read 77.5 %."""
+    from edgeqlora.config import build_config
+    from edgeqlora.evaluate import prompt_messages
+    from edgeqlora.heldout import heldout_conversations
+    from edgeqlora.parity import task_set
+    from edgeqlora.train import _eval_rows
+
+    cfg = build_config({"data": "embedded:iot", "eval_examples": 40})
+    manifest = {"data": {"spec": "embedded:iot"}, "config": {"data": "embedded:iot"}}
+    trainer = [prompt_messages(r) for r in _eval_rows(cfg)]
+    assert len(trainer) == 40 and task_set(manifest, 40).prompts == trainer
+    first = [c[:-1] for c in heldout_conversations(manifest, 40)]
+    assert first != trainer  # a spread sample, not the first rows
