@@ -278,6 +278,13 @@ def load_dataset(spec: str | Path, seed: int = 0) -> LoadedData:
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        # transformers raises a ValueError from deep inside; the user needs to know which file.
+        where = getattr(tokenizer, "name_or_path", "") or "the base model"
+        raise InputError(f"{where}: the tokenizer has no chat template (no chat_template.jinja, "
+                         "no chat_template in tokenizer_config.json), so chat rows cannot be "
+                         "rendered; add the model's chat template there, or train on "
+                         'plain-text rows ({"text": ...})')
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 

@@ -312,3 +312,16 @@ def test_embedded_model_learns_the_task(embedded_dir, tmp_path):
     losses = _losses(tmp_path / "run")
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
     assert 0.5 < metrics["quantization"]["top1"] <= 1.0
+
+
+def test_a_base_without_chat_template_is_one_line(tiny_model_dir, iot_files, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "notemplate"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink()
+    rc = main(["train", f"base={base}", f"data={iot_files[0]}", "max_steps=1",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "has no chat template" in err[0], err
+    assert not (tmp_path / "run").exists()
