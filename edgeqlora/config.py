@@ -52,7 +52,11 @@ class ExportConfig:
 class ParityConfig:
     """Thresholds of the parity gate (candidate export vs the trained model)."""
 
+    # Each evaluation set (task answers, general text) is judged on its own against these.
     max_kld: float = 0.5
+    # The tail a mean hides: measured p99 0.02-0.03 for device-aware Q4_K_M and Q8_0, 0.25-0.48
+    # for merged re-quantized Q4_K_M on the quickstart; 2 nats is far beyond any kept export.
+    max_p99_kld: float = 2.0
     min_top1: float = 0.80
     max_ppl_ratio: float = 1.25
     # Task exact match of the export over the trained model's (goal: q8_0 >= 0.995, q4_k_m >=

@@ -241,6 +241,9 @@ def thresholds_from(cfg) -> dict[str, float]:
     get = cfg.get if isinstance(cfg, Mapping) else lambda k, d=None: getattr(cfg, k, d)
     th = {"max_kld": float(get("max_kld")), "min_top1": float(get("min_top1")),
           "max_ppl_ratio": float(get("max_ppl_ratio"))}
+    p99 = get("max_p99_kld", None)
+    if p99 is not None:
+        th["max_p99_kld"] = float(p99)
     # Exact-match retention (candidate EM / reference EM) when the config defines it.
     em = get("min_exact_match_ratio", None)
     if em is not None:
@@ -248,24 +251,37 @@ def thresholds_from(cfg) -> dict[str, float]:
     return th
 
 
+SETS = ("task", "text")
+
+
 def gate(report: Mapping[str, Any], thresholds: Mapping[str, float]) -> dict[str, list[str]]:
-    """Failing metrics per candidate (an empty list = passed), measured on all tokens."""
+    """Failing metrics per candidate (an empty list = passed). Each evaluation set (the task's
+    held-out answers, the general text) is judged on its own, mean and p99 KL both: pooled, a
+    good task score averages past a lost language (an ONNX int4-gptq export measured top-1 0.46,
+    KLD 1.10 on general text while the pooled figures passed). A NaN fails every comparison."""
     ref_em = report["reference"]["task"]["exact_match"]
     failures = {}
     for name, c in report["candidates"].items():
-        allm, problems = c["all"], []
-        if allm["mean_kld"] > thresholds["max_kld"]:
-            problems.append(f"mean KLD {allm['mean_kld']:.4f} > max_kld "
-                            f"{thresholds['max_kld']}")
-        if allm["top1"] < thresholds["min_top1"]:
-            problems.append(f"top-1 agreement {allm['top1']:.4f} < min_top1 "
-                            f"{thresholds['min_top1']}")
-        if not allm["ppl_ratio"] <= thresholds["max_ppl_ratio"]:  # NaN fails too
-            problems.append(f"perplexity ratio {allm['ppl_ratio']:.4f} > max_ppl_ratio "
-                            f"{thresholds['max_ppl_ratio']}")
+        problems = []
+        for part in SETS:
+            m = c.get(part) or {}
+            if not m.get("tokens"):
+                continue
+            if not m["mean_kld"] <= thresholds["max_kld"]:
+                problems.append(f"{part} mean KLD {m['mean_kld']:.4f} > max_kld "
+                                f"{thresholds['max_kld']}")
+            if "max_p99_kld" in thresholds and not m["p99_kld"] <= thresholds["max_p99_kld"]:
+                problems.append(f"{part} p99 KLD {m['p99_kld']:.4f} > max_p99_kld "
+                                f"{thresholds['max_p99_kld']}")
+            if not m["top1"] >= thresholds["min_top1"]:
+                problems.append(f"{part} top-1 agreement {m['top1']:.4f} < min_top1 "
+                                f"{thresholds['min_top1']}")
+            if not m["ppl_ratio"] <= thresholds["max_ppl_ratio"]:
+                problems.append(f"{part} perplexity ratio {m['ppl_ratio']:.4f} > "
+                                f"max_ppl_ratio {thresholds['max_ppl_ratio']}")
         if "min_exact_match_ratio" in thresholds and ref_em > 0:
             ratio = c["task"]["exact_match"] / ref_em
-            if ratio < thresholds["min_exact_match_ratio"]:
+            if not ratio >= thresholds["min_exact_match_ratio"]:
                 problems.append(f"exact match {c['task']['exact_match']:.3f} is {ratio:.3f} of "
                                 f"the reference's {ref_em:.3f} < min_exact_match_ratio "
                                 f"{thresholds['min_exact_match_ratio']}")
@@ -293,8 +309,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{report['settings']['text_tokens']} tokens of `edgeqlora/assets/english.txt`. Machine: "
         f"{report['machine']['platform']}, {report['machine']['cpu_count']} CPUs.",
         "",
-        f"Thresholds (all tokens): mean KLD <= {th['max_kld']}, top-1 >= {th['min_top1']}, "
-        f"perplexity ratio <= {th['max_ppl_ratio']}"
+        f"Thresholds (task and text each): mean KLD <= {th['max_kld']}"
+        + (f", p99 KLD <= {th['max_p99_kld']}" if "max_p99_kld" in th else "")
+        + f", top-1 >= {th['min_top1']}, perplexity ratio <= {th['max_ppl_ratio']}"
         + (f", exact-match retention >= {th['min_exact_match_ratio']}"
            if "min_exact_match_ratio" in th else "") + ".",
         "",

@@ -336,3 +336,30 @@ def test_the_parity_task_set_is_the_trainers_eval_sample():
     assert len(trainer) == 40 and task_set(manifest, 40).prompts == trainer
     first = [c[:-1] for c in heldout_conversations(manifest, 40)]
     assert first != trainer  # a spread sample, not the first rows
+
+
+def _report(task: dict, text: dict) -> dict:
+    base = {"tokens": 100, "mean_kld": 0.01, "p99_kld": 0.05, "top1": 0.99, "ppl_ratio": 1.0}
+    return {"reference": {"task": {"exact_match": 0.8}},
+            "candidates": {"c": {"task": {**base, **task, "exact_match": 0.8, "examples": 40,
+                                          "prompt_token_mismatches": 0},
+                                 "text": {**base, **text},
+                                 "all": {**base}}}}
+
+
+@pytest.mark.parametrize("text, why", [
+    ({"top1": 0.46, "mean_kld": 1.10}, "text mean KLD 1.1000 > max_kld"),  # lost language
+    ({"p99_kld": 3.0}, "text p99 KLD 3.0000 > max_p99_kld"),  # a tail the mean hides
+    ({"mean_kld": float("nan")}, "text mean KLD nan"),  # fails closed
+    ({"ppl_ratio": float("nan")}, "text perplexity ratio nan"),
+])
+def test_each_set_is_judged_on_its_own(text, why):
+    """The task set passing (and the pooled figures, which the old gate judged, passing) does
+    not carry a failing general-text set; NaN fails."""
+    from edgeqlora.config import ParityConfig
+    from edgeqlora.parity import gate, thresholds_from
+
+    th = thresholds_from(ParityConfig())
+    assert gate(_report({}, {}), th) == {"c": []}
+    failures = gate(_report({}, text), th)["c"]
+    assert failures and failures[0].startswith(why), failures
