@@ -145,7 +145,9 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     if merge:
         DB.check_merge(adapter_quant_record(adapter_dir), adapter_dir, target,
                        quant or exporter.DEFAULT_QUANT, merge_base)
-    profile, explicit = None, quant is not None
+    profile = None
+    explicit: bool | str = "the base the device-aware adapter was trained on" \
+        if trained_quant is not None else quant is not None
     if device is not None:
         profile, candidates, tried = D.candidates_for(exporter, target, device, quant,
                                                       adapter_only)

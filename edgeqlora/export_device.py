@@ -65,7 +65,7 @@ def candidates_for(exporter, target: str, device, quant: str | None, adapter_onl
 
 
 def plan(base_dir: Path, target: str, candidates: list[str], profile, context: int,
-         options: dict[str, Any], tried: list[dict[str, Any]], explicit: bool, out_dir: Path
+         options: dict[str, Any], tried: list[dict[str, Any]], explicit: bool | str, out_dir: Path
          ) -> list[tuple[str, Any]]:
     """(quant, predicted FitResult) to try, best first; the quants predicted not to fit go
     into ``tried``. Nothing left -> DeviceError before anything is written.
@@ -93,6 +93,12 @@ def plan(base_dir: Path, target: str, candidates: list[str], profile, context: i
             tried.append(attempt(q, r, "not exported", f"predicted {r.total_bytes / MiB:.0f} "
                                  f"MiB > {profile.usable_mb} MiB usable"))
     where = f"{profile.name} ({profile.usable_mb} MiB usable) at context {context}"
+    if not fitting and isinstance(explicit, str):  # a device-aware adapter's own base
+        q, r = candidates[0], predicted[candidates[0]]
+        raise DeviceError(f"{q} ({explicit}) does not fit {where}: {r.total_bytes / MiB:.0f} "
+                          f"MiB predicted ({parts(r)}); train the adapter on a smaller device "
+                          "base (quant=gguf-q4_0) or pass --merge to let --device choose a "
+                          f"quant; nothing was written to {out_dir}")
     if not fitting and explicit:
         q, r = candidates[0], predicted[candidates[0]]
         others = {o: predict(o) for o in DEVICE_CANDIDATES.get(target, ()) if o != q}
@@ -130,12 +136,13 @@ def check_real_fit(export_dir: Path, quant: str, profile, context: int, predicte
 
 
 def record(target: str, quant: str, profile, context: int, predicted, real, parity: bool,
-           explicit: bool, tried: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+           explicit: bool | str, tried: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """The manifest's ``device`` section for the quant that is shipped."""
     how = "fits" if real.verdict == "fits" else "fits (without the 15 % margin)"
     gated = "passes the parity gate" if parity else "passes verification (parity gate not run)"
     predicted_mib = f"{predicted.total_bytes / MiB:.0f} MiB" if predicted else "no prediction"
-    what = f"{quant} (asked for with --quant)" if explicit else \
+    what = f"{quant} ({explicit})" if isinstance(explicit, str) else \
+        f"{quant} (asked for with --quant)" if explicit else \
         f"{quant} is the highest-precision {target} quant that"
     reason = (f"{what} {how} {profile.name} and {gated}: {real.total_bytes / MiB:.0f} MiB for "
               f"the written files ({predicted_mib} predicted before export) of "

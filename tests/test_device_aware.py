@@ -243,3 +243,27 @@ def test_on_cuda_the_base_stays_packed_and_matches_cpu(trained):
         a, b = gpu(ids.cuda()).logits.cpu(), cpu(ids).logits
     # CUDA's fp32 matmuls sum in another order than the CPU's: measured differences are ~1e-6.
     assert (a - b).abs().max().item() < 1e-3
+
+
+def test_device_choice_is_the_trained_base(trained, tmp_path):
+    """``--device`` sizes the adapter's own base (+ LoRA) and ships it; a device it does not fit
+    is one line naming the base, not a hint to drop a --quant nobody passed."""
+    from edgeqlora.errors import DeviceError
+    from edgeqlora.export import export_adapter
+
+    def board(mb: int) -> Path:
+        path = tmp_path / f"board-{mb}.toml"
+        path.write_text(f'name = "b{mb}"\ntitle = "a test board"\n[memory]\ntotal_mb = 4096\n'
+                        f'usable_mb = {mb}\nbandwidth_gbs = 3.6\n[cpu]\narch = "aarch64"\n'
+                        'cores = 4\nthreads = 4\nfeatures = ["neon"]\n[runtimes]\n'
+                        'available = ["gguf"]\n')
+        return path
+
+    m = export_adapter(trained["adapter"], tmp_path / "fits", device=str(board(4000)),
+                       eval_tokens=128)
+    assert m["device_aware"] and m["quant"] == "q4_k_m"
+    assert "the base the device-aware adapter was trained on" in m["device"]["reason"]
+    with pytest.raises(DeviceError, match=r"q4_k_m \(the base the device-aware adapter was "
+                                          r"trained on\) does not fit.*quant=gguf-q4_0"):
+        export_adapter(trained["adapter"], tmp_path / "tiny", device=str(board(8)))
+    assert not (tmp_path / "tiny").exists()
