@@ -58,7 +58,9 @@ def _batch_logits(model, batch: list[list[int]], device) -> list:
     if prefix >= 8:  # below that the extra forward costs more than it saves
         run = model(input_ids=torch.tensor([batch[0][:prefix]], device=device), use_cache=True)
         head = run.logits[0].float().cpu().numpy()
-        past = run.past_key_values
+        # transformers 5.2x renamed the KV cache ``cache`` (in and out) and warns on the old name.
+        key = "cache" if "cache" in run else "past_key_values"
+        past = run[key]
         past.batch_repeat_interleave(len(batch))
     else:
         prefix = 0
@@ -68,7 +70,7 @@ def _batch_logits(model, batch: list[list[int]], device) -> list:
     for r, s in enumerate(batch):
         ids[r, :len(s) - prefix] = torch.tensor(s[prefix:])
         mask[r, :len(s)] = 1
-    kwargs = {"past_key_values": past, "use_cache": True} if past is not None else {}
+    kwargs = {key: past, "use_cache": True} if past is not None else {}
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
     out = []
     for r, s in enumerate(batch):
