@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,8 +111,21 @@ class Config:
     parity: ParityConfig = field(default_factory=ParityConfig)
 
 
+def _non_finite(obj, prefix: str = "") -> list[str]:
+    """Every float setting that is NaN or infinite: ``lr=nan`` would pass ``lr <= 0``, and a NaN
+    threshold would pass or fail every comparison silently."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _non_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{prefix}{f.name}={value} must be a finite number")
+    return out
+
+
 def _validate(cfg: Config) -> list[str]:
-    problems = []
+    problems = _non_finite(cfg)
     if cfg.quant not in QUANT_CHOICES:
         problems.append(f"quant={cfg.quant!r} is not one of {', '.join(QUANT_CHOICES)}")
     if cfg.lora.r <= 0:

@@ -66,11 +66,10 @@ def device_state(base_dir: Path, quant: str) -> tuple[dict[str, Any], dict[str, 
 
     from .exporters.gguf import read_config, tensor_bytes
     from .exporters.gguf.kernels import unpermute_qk
+    from .exporters.gguf.writer import rope_heads
 
     target, q = DEVICE_QUANTS[quant]
-    cfg = read_config(Path(base_dir))
-    n_head = cfg["num_attention_heads"]
-    heads = {"q": (n_head, n_head), "k": (n_head, cfg.get("num_key_value_heads", n_head))}
+    heads = rope_heads(read_config(Path(base_dir)))
     state: dict[str, Any] = {}
     tensors: dict[str, dict[str, Any]] = {}
     packed: dict[str, tuple[Any, Any]] = {}

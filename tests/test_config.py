@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from edgeqlora.config import Config, build_config, load_config, to_yaml, valid_keys
@@ -73,3 +75,12 @@ def test_shipped_recipes_load():
     assert any(r.name == "quickstart.yaml" for r in recipes)
     for recipe in recipes:
         load_config(recipe)
+
+
+@pytest.mark.parametrize("override", ["lr=nan", "lr=inf", "parity.max_kld=nan",
+                                      "parity.max_p99_kld=inf", "lora.alpha=nan"])
+def test_non_finite_numbers_are_refused(override):
+    """``lr=nan`` used to pass ``lr <= 0``; a NaN gate threshold decides nothing."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}=(nan|inf) must be a finite number"):
+        load_config(None, [override])

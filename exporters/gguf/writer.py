@@ -86,7 +86,8 @@ class _StreamedTensor:
             chunk.tofile(fout)
 
 
-def _heads(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+def rope_heads(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(heads, heads of this kind) for the q and k RoPE permutation, by plan ``permute`` kind."""
     n_head = cfg["num_attention_heads"]
     return {"q": (n_head, n_head), "k": (n_head, cfg.get("num_key_value_heads", n_head))}
 
@@ -103,7 +104,7 @@ def tensor_bytes(model_dir: str | Path, quant: str, plan: list[dict[str, Any]] |
         raise ConfigError(f"{model_dir}: llama.cpp's {quant} mix for this model uses a rule "
                           "the direct writer does not have (80-layer models); a device-aware "
                           "base needs a mix the writer reproduces")
-    heads = _heads(cfg)
+    heads = rope_heads(cfg)
     for t in plan:
         st = _StreamedTensor(t, heads.get(t["permute"]), STREAM_CHUNK_BYTES)
         yield t, b"".join(chunk.tobytes() for chunk in st.chunks())
@@ -155,7 +156,7 @@ def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
                           "the direct writer does not have; quantize an F32 GGUF with "
                           "quantize_gguf instead")
     w, vocab = model_writer(cfg, model_dir, quant, name, plan)
-    heads = _heads(cfg)
+    heads = rope_heads(cfg)
     try:
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
