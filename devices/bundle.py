@@ -26,8 +26,8 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgeqlora.artifacts import (FORMAT_VERSION, MANIFEST, read_manifest, sha256_file,
-                                 verify_files)
+from edgeqlora.artifacts import (FORMAT_VERSION, MANIFEST, check_usable_export,
+                                 export_failures, read_manifest, sha256_file, verify_files)
 from edgeqlora.errors import DeviceError, InputError
 
 from .fit import MiB, fit, model_facts
@@ -40,10 +40,17 @@ EXPORT_DIR = "export"
 
 
 def _run_script(profile: DeviceProfile, context: int) -> str:
-    threads = profile.threads
+    """The bundle's start script. Only integers and constants are interpolated, and the title
+    only into a comment with every non-printable character (a newline would end the comment
+    and start a command) replaced: profile validation refuses them too, this is the second
+    line of defence."""
+    threads = int(profile.threads)
+    context = int(context)
+    title = "".join(c if c.isprintable() else "?" for c in profile.title)
     return f"""#!/usr/bin/env bash
-# Start the model in this bundle on a {profile.title}.
-#   ./run.sh            OpenAI-compatible server + web chat on port ${{PORT:-8080}}
+# Start the model in this bundle on a {title}.
+#   ./run.sh            OpenAI-compatible server + web chat on 127.0.0.1:${{PORT:-8080}}
+#   HOST=0.0.0.0 ./run.sh   the same, reachable from the network (no authentication)
 #   ./run.sh chat       chat in the terminal
 # Needs: pip install 'edgeqlora[device-gguf,serve]' (see devices/raspberry-pi/install.sh).
 set -euo pipefail
@@ -57,7 +64,7 @@ if [[ "${{1:-serve}}" == "chat" ]]; then
     exec edgeqlora run "$here/{EXPORT_DIR}" --chat --n-ctx {context}
 fi
 exec edgeqlora serve "$here/{EXPORT_DIR}" --n-ctx {context} \\
-    --host "${{HOST:-0.0.0.0}}" --port "${{PORT:-8080}}"
+    --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8080}}"
 """
 
 
@@ -88,18 +95,22 @@ def _export_source(export: Path) -> tuple[Path, dict[str, Any] | None]:
 
 
 def create_bundle(export: str | Path, device: str | Path, out: str | Path,
-                  context: int = 2048, force: bool = False) -> dict[str, Any]:
+                  context: int = 2048, force: bool = False,
+                  allow_failed: bool = False) -> dict[str, Any]:
     """Write ``out`` (a .tar.gz) carrying ``export`` for ``device``; returns its manifest.
 
     The export must match its own manifest and fit the device at ``context`` ("fits" or
-    "tight"); ``force`` bundles one that does not fit and replaces an existing ``out``.
+    "tight"); ``force`` bundles one that does not fit and replaces an existing ``out``. An
+    export whose manifest records a failed verification or gate is refused unless
+    ``allow_failed`` (then the bundle manifest says so).
     """
     export, export_manifest = _export_source(Path(export))
+    check_usable_export(export, export_manifest, allow_failed, "bundle")
     profile = load_profile(device)
     if not profile.text:
         raise DeviceError("a bundle is made for a named device profile (a shipped name or a "
                           f".toml file), not {profile.name!r}")
-    facts = model_facts(export)
+    facts = model_facts(export, allow_failed=allow_failed)
     result = fit(facts, profile, context)
     if result.verdict in ("does not fit", "no runtime") and not force:
         raise DeviceError(f"{export} {result.verdict.replace('no runtime', 'has no runtime')} "
@@ -146,6 +157,7 @@ def create_bundle(export: str | Path, device: str | Path, out: str | Path,
             "export": {"target": export_manifest.get("target"),
                        "quant": export_manifest.get("quant"), "source": str(export.resolve())},
             "fit": result.to_dict(),
+            "export_failures": export_failures(export_manifest),
             "files": _file_table(root),
         }
         (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

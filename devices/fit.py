@@ -227,10 +227,12 @@ def _config_numbers(cfg: dict[str, Any], source: str | Path) -> dict[str, Any]:
                 tied_embeddings=bool(cfg.get("tie_word_embeddings")))
 
 
-def model_facts(path: str | Path) -> ModelFacts:
-    """Facts of an export directory (``manifest.json``) or a bare ``.gguf`` file."""
-    from edgeqlora.artifacts import read_manifest
-    from edgeqlora.runtimes import model_files
+def model_facts(path: str | Path, allow_failed: bool = False) -> ModelFacts:
+    """Facts of an export directory (``manifest.json``) or a bare ``.gguf`` file. An export
+    whose files do not match the sizes its manifest records (truncated, replaced, missing) or
+    whose verification or gate failed (unless ``allow_failed``) is a DeviceError."""
+    from edgeqlora.artifacts import check_usable_export, read_manifest
+    from edgeqlora.runtimes import check_export_files, model_files
 
     p = Path(path)
     if not p.exists():
@@ -243,6 +245,8 @@ def model_facts(path: str | Path) -> ModelFacts:
         return gguf_facts(p)
     try:
         manifest = read_manifest(p, kind="export")
+        check_usable_export(p, manifest, allow_failed, "fit")
+        check_export_files(p, manifest, verify=False)
     except EdgeQloraError as exc:
         raise DeviceError(str(exc)) from None
     target = manifest.get("target")

@@ -147,8 +147,12 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
     if name is not None and not _NAME_RE.match(name):
         problems.append(f"name = {name!r} must be lower-case letters, digits, '.', '_' or '-'")
     title = get(None, "title", (str,), "a string")
+    if title is not None and any(not c.isprintable() for c in title):
+        # The title is written into a bundle's run.sh and its manifest: one printable line.
+        problems.append(f"title = {title!r} must be one line of printable characters (no "
+                        "newlines or control characters)")
     kind = data.get("kind", "other")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         problems.append(f"kind = {kind!r} must be one of {', '.join(sorted(KINDS))}")
     total = positive("memory", "total_mb", (int,), "an integer number of MB")
     usable = positive("memory", "usable_mb", (int,), "an integer number of MB")

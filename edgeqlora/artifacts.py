@@ -75,8 +75,107 @@ def write_manifest(directory: str | Path, kind: str, data: dict[str, Any],
     if hash_files:
         manifest["files"] = file_table(directory)
     path = Path(directory) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(json_safe(manifest), indent=2, sort_keys=False,
+                               allow_nan=False) + "\n")
     return manifest
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by the string ``"NaN"``,
+    ``"Infinity"`` or ``"-Infinity"``: Python's json writes them bare, which is not JSON (other
+    readers refuse the file), and a string cannot pass a numeric comparison by accident."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if obj != obj else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def export_failures(manifest: dict[str, Any]) -> list[str]:
+    """Why an export's manifest says it must not be used: it records a verification or a
+    parity gate that did not pass (a ``--keep-failed`` export). Whether its files are all
+    there is ``verify_files`` / ``runtimes.check_export_files``."""
+    problems = []
+    check = manifest.get("verification")
+    if isinstance(check, dict) and check.get("passed") is not True:
+        why = "; ".join(str(p) for p in check.get("problems") or [])
+        problems.append("its verification failed" + (f" ({why})" if why else ""))
+    gate = manifest.get("parity")
+    if isinstance(gate, dict) and gate.get("passed") is not True:
+        problems.append("its parity gate failed"
+                        + (f" ({', '.join(map(str, gate.get('failures') or []))})"
+                           if gate.get("failures") else ""))
+    return problems
+
+
+def check_usable_export(directory: str | Path, manifest: dict[str, Any],
+                        allow_failed: bool = False, use: str = "use") -> None:
+    """Refuse an export whose manifest records a failed check (``export_failures``) unless
+    ``allow_failed`` (the ``--allow-failed`` of run, serve, parity, bundle and devices fit)."""
+    problems = export_failures(manifest)
+    if problems and not allow_failed:
+        raise ManifestError(f"export {directory}: {'; '.join(problems)}, so it will not "
+                            f"{use} it; export it again, or pass --allow-failed to {use} it "
+                            "anyway")
+
+
+def check_apart(out: str | Path, inputs: dict[str, str | Path], what: str = "output") -> None:
+    """Refuse an output directory that is, contains or lies inside one of ``inputs`` (name ->
+    path): replacing it would delete the input, and writing inside it would change the
+    directory its manifest describes. Checked before any work."""
+    o = Path(out).resolve()
+    for name, path in inputs.items():
+        i = Path(path).resolve()
+        if o == i or i.is_relative_to(o) or o.is_relative_to(i):
+            rel = "is" if o == i else ("contains" if i.is_relative_to(o) else "is inside")
+            raise InputError(f"{what} {out} {rel} the {name} {path}; choose another --out")
+
+
+def remove_stale_siblings(out: str | Path) -> list[Path]:
+    """Remove the hidden ``.NAME.tmp-PID-*``, ``.NAME.work-PID-*`` and ``.NAME.old-PID``
+    siblings of ``out`` that a killed run (kill -9, a power cut) left behind: those whose
+    process ``PID`` is gone. Returns what was removed."""
+    out = Path(out)
+    parent = out.resolve().parent
+    removed = []
+    if not parent.is_dir():
+        return removed
+    prefix = f".{out.name}."
+    for p in parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, rest = p.name[len(prefix):].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "work", "old", "stage") or not pid.isdigit():
+            continue
+        if _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def scratch_dir(out: str | Path, kind: str) -> Path:
+    """A private hidden sibling of ``out`` named ``.NAME.KIND-PID-XXXX`` (on the same
+    filesystem, so renames are atomic); ``remove_stale_siblings`` recognises it once this
+    process is gone."""
+    out = Path(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-",
+                                 dir=out.resolve().parent))
 
 
 def read_json(path: str | Path, error: type[Exception] = InputError) -> Any:
@@ -157,7 +256,7 @@ def atomic_dir(out: str | Path, force: bool = False, what: str = "output") -> It
     out = prepare_output(out, force=force, what=what)
     parent = out.resolve().parent
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = scratch_dir(out, "tmp")
     except OSError as exc:
         raise InputError(f"cannot write {what} {out}: {exc.strerror}") from None
     try:
@@ -172,6 +271,36 @@ def atomic_dir(out: str | Path, force: bool = False, what: str = "output") -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_lora_config(cfg: Any, path: str | Path) -> None:
+    """The fields of a PEFT ``adapter_config.json`` the merge and PEFT's loader compute with:
+    a JSON object, ``r`` a positive integer, ``lora_alpha`` and every ``alpha_pattern`` /
+    ``rank_pattern`` value a finite number. Anything else is one InputError naming them all,
+    before PEFT or a division meets it."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path} must hold a JSON object (a PEFT LoRA config), not a "
+                         f"{type(cfg).__name__}")
+    problems = []
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    r = cfg.get("r", 8)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        problems.append(f"r = {r!r} must be a positive integer")
+    if not number(cfg.get("lora_alpha", 8)):
+        problems.append(f"lora_alpha = {cfg.get('lora_alpha')!r} must be a finite number")
+    for key in ("alpha_pattern", "rank_pattern"):
+        table = cfg.get(key) or {}
+        if not isinstance(table, dict):
+            problems.append(f"{key} must be an object of module pattern -> number")
+            continue
+        bad = [k for k, v in table.items() if not number(v) or (key == "rank_pattern" and v <= 0)]
+        if bad:
+            problems.append(f"{key} has invalid value(s) for {', '.join(map(repr, bad))}")
+    if problems:
+        raise InputError(f"{path}: {'; '.join(problems)}")
 
 
 def safetensors_files(model_dir: str | Path, what: str = "model") -> list[Path]:

@@ -8,13 +8,19 @@ stay torch-free and fast.
 
 Errors meant for users (EdgeQloraError) print one line on stderr and exit with the error's code
 (2 for usage and input errors, 1 for a failed gate); ``--debug`` shows the traceback instead.
+Anything else still prints one line: a filesystem error names the path (exit 2; a full disk says
+so), anything unforeseen names its type and points to ``--debug`` (exit 1). SIGTERM unwinds
+like Ctrl-C, so every command's cleanup runs (exit 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import EdgeQloraError
@@ -79,18 +85,82 @@ def main(argv: list[str] | None = None) -> int:
             argv = argv[:i + 1] + normalize(argv[i + 1:])
     # No known command (--help, --version, a typo): the full parser prints the list or the error.
     args = build_parser(only).parse_args(argv)
+    if not sys.stderr.isatty():
+        _no_library_progress_bars()
+    previous = _catch_sigterm()
     try:
         return int(args.func(args) or 0)
     except EdgeQloraError as exc:
         if args.debug:
             raise
-        print(f"edgeqlora {args.command}: error: {exc}", file=sys.stderr)
+        print(f"edgeqlora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print(f"edgeqlora {args.command}: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, _Terminated)
+        print(f"edgeqlora {args.command}: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as exc:  # the last resort: still one line, never a traceback
+        if args.debug:
+            raise
+        message, code = _unforeseen(exc)
+        print(f"edgeqlora {args.command}: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _no_library_progress_bars() -> None:
+    """No transformers / huggingface_hub progress bars ("Loading weights") in a log or a pipe:
+    there, stderr carries the one-line error and our own messages."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:  # already imported (tests, the Python API): tell it directly
+        transformers.utils.logging.disable_progress_bar()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup (``finally``, atomic writes) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into ``_Terminated`` while a command runs (train installs its own handler
+    for its loop, which saves a checkpoint, and restores this one). Returns the handler to put
+    back, or None when nothing was changed (not the main thread, or a handler already set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not signal.SIG_DFL:
+        return None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return current
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _unforeseen(exc: Exception) -> tuple[str, int]:
+    """(message, exit code) for an exception no stage turned into an EdgeQloraError."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "disk full; free space and run the command again", 2
+        where = exc.filename if exc.filename is not None else ""
+        what = exc.strerror or _one_line(exc)
+        return (f"{where}: {what}" if where else what), 2
+    if isinstance(exc, MemoryError):
+        return "out of memory; close other programs or use a smaller model or batch", 1
+    return (f"unexpected {type(exc).__name__}: {_one_line(exc)[:300]} (a bug in edgeqlora: "
+            "run again with --debug for the traceback and report it)"), 1
 
 
 if __name__ == "__main__":

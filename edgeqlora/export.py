@@ -16,10 +16,17 @@ The only place that orchestrates an export; the exporters (``edgeqlora.exporters
    the reference the export is verified against (``heldout.VerifySet``: held-out sequences,
    the reference model's logits on them, texts whose tokenization must match);
 4. has the exporter write its files into a temporary sibling of ``out_dir`` and verify them:
-   below the thresholds it raises ExportError and nothing is shipped, unless ``force``;
+   below the thresholds it raises ExportError and nothing is shipped;
 5. with ``parity``, runs the parity gate against the trained model (``edgeqlora.parity``);
 6. writes ``manifest.json`` (kind ``export``) and renames the directory into place. An existing
-   export is replaced only with ``force``, and only once the new one is complete.
+   export is replaced only with ``force``, only once the new one is complete and only by one
+   that passed every check.
+
+``keep_failed`` keeps an export that fails verification or the gate (for inspection; its
+manifest says so, and run, serve, parity, bundle and devices fit refuse it without
+``--allow-failed``) and still raises, so the exit code is 1; it never replaces an export that
+passed. The output may not be, contain or lie inside the adapter or its base; the hidden
+work siblings a killed export left beside ``out_dir`` are removed first.
 
 With ``device`` the quant is chosen for that device (``edgeqlora.export_device``): every
 candidate is predicted, those that fit are tried from one merge, best first, and only the first
@@ -44,7 +51,8 @@ from typing import Any
 from . import device_base as DB
 from . import export_device as D
 from . import export_inputs as inputs
-from .artifacts import atomic_dir, prepare_output, versions, write_manifest
+from .artifacts import (atomic_dir, check_apart, export_failures, prepare_output,
+                        read_json, remove_stale_siblings, scratch_dir, versions, write_manifest)
 from .errors import (ConfigError, EdgeQloraError, ExportError, InputError,
                      ParityError)
 
@@ -108,7 +116,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                    quant: str | None = None, merge_base: str = "auto",
                    adapter_only: bool = False, adapter_quant: str | None = None,
                    merge: bool = False,
-                   force: bool = False, eval_tokens: int = 2048,
+                   force: bool = False, keep_failed: bool = False, eval_tokens: int = 2048,
                    thresholds: dict[str, float] | None = None, cfg=None,
                    progress: bool = False, parity: bool = False,
                    device=None, context: int = 2048,
@@ -128,13 +136,17 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
 
     ``device`` (a profile name, a .toml path or a ``DeviceProfile``) chooses the quant for that
     device at ``context`` tokens; with ``quant`` too, that quant is exported only if it fits.
-    Under ``device``, ``force`` only allows replacing ``out_dir``: an export that fails
-    verification, the gate or the fit is never kept. Nothing fits -> DeviceError naming the
+    Under ``device`` an export that fails verification, the gate or the fit is never kept
+    (``keep_failed`` is refused). Nothing fits -> DeviceError naming the
     smallest footprint; every fitting quant fails the gate -> ParityError naming each one's
     failing metrics."""
     from . import merge as M
     from .exporters import get_exporter
 
+    check_apart(out_dir, {"adapter": adapter_dir}, "export")
+    if keep_failed and device is not None:
+        raise ConfigError("--keep-failed keeps a failed export for inspection; with --device "
+                          "only a quant that fits and passes is ever kept: drop one of them")
     exporter = get_exporter(target)
     trained_quant = DB.export_quant(adapter_quant_record(adapter_dir), adapter_dir, target, quant) \
         if not merge else None
@@ -161,6 +173,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     out_dir = Path(out_dir)
     _prepare(out_dir, force)
     adapter = M.read_adapter(adapter_dir)
+    check_apart(out_dir, {"base model": adapter.base_dir}, "export")
     M.check_fit(adapter)
     M.resolve_merge_base(adapter, merge_base)
     if from_adapter:
@@ -225,7 +238,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
             },
         }
         calibrations = inputs.Calibrations(requests, model_dir)
-        gate = _Gate(adapter_dir, cfg, parity, progress, shared=len(plan) > 1)
+        gate = _Gate(adapter_dir, cfg, parity, progress, scratch, shared=len(plan) > 1)
         for q, predicted in plan:
             if profile is not None:
                 _say(progress, f"trying {target} {q} for {profile.name}"
@@ -236,8 +249,9 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                        progress, check)
             try:
                 with atomic_dir(out_dir, force=force, what="export") as tmp:
-                    return _write_one(job, tmp, out_dir, base_record, force, gate, profile,
-                                      context, predicted, tried, explicit)
+                    manifest = _write_one(job, tmp, out_dir, base_record, keep_failed, gate,
+                                          profile, context, predicted, tried, explicit)
+                return _kept(manifest, out_dir, target, quant=q)
             except D.Rejected as rejected:
                 tried.append(rejected.record)
                 _say(progress, f"rejected {q}: {rejected.record['outcome']} "
@@ -251,9 +265,9 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
 
 
 def export_merged(model_dir: str | Path, out_dir: str | Path, target: str = "onnx",
-                  quant: str | None = None, *, force: bool = False, eval_tokens: int = 1024,
-                  thresholds: dict[str, float] | None = None, progress: bool = False,
-                  **options: Any) -> dict[str, Any]:
+                  quant: str | None = None, *, force: bool = False, keep_failed: bool = False,
+                  eval_tokens: int = 1024, thresholds: dict[str, float] | None = None,
+                  progress: bool = False, **options: Any) -> dict[str, Any]:
     """Export an already merged Hugging Face checkpoint (``edgeqlora merge`` output, or any
     supported local checkpoint): write, verify against that checkpoint on held-out tokens,
     write ``manifest.json``, rename into place. Calibrated quants need ``calibration_data``
@@ -262,6 +276,7 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, target: str = "onn
 
     exporter = get_exporter(target)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_apart(out_dir, {"model": model_dir}, "export")
     quant = exporter.check_quant(quant or exporter.DEFAULT_QUANT)
     if quant in getattr(exporter, "FROM_ADAPTER_QUANTS", ()):
         raise ConfigError(f"quant={quant} is exported from a trained adapter (its 4-bit base "
@@ -283,8 +298,9 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, target: str = "onn
               "source": {"merged": str(model_dir.resolve())}}
     try:
         with atomic_dir(out_dir, force=force, what="export") as tmp:
-            return _write_one(job, tmp, out_dir, record, force, _Gate(None, None, False,
-                                                                      progress))
+            manifest = _write_one(job, tmp, out_dir, record, keep_failed,
+                                  _Gate(None, None, False, progress, None))
+        return _kept(manifest, out_dir, target, quant)
     except OSError as exc:
         raise _os_error(exc, out_dir) from None
 
@@ -301,12 +317,13 @@ class _Job:
         self.check = check  # (tmp, info) -> None: raises if the written files are not right
 
 
-def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any], force: bool,
-               gate: "_Gate", profile=None, context: int = 2048, predicted=None,
+def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any],
+               keep_failed: bool, gate: "_Gate", profile=None, context: int = 2048, predicted=None,
                tried: list[dict[str, Any]] | None = None, explicit: bool = False
                ) -> dict[str, Any]:
     """Write, verify, gate (and under a device profile: fit-check) one quant into ``tmp``.
-    Under a profile a loss raises ``Rejected``; otherwise the errors of a plain export."""
+    Under a profile a loss raises ``Rejected``; otherwise the errors of a plain export, or
+    with ``keep_failed`` the failed export's manifest (``_kept`` raises once it is in place)."""
     from .exporters import PRIVATE_INFO
 
     target, quant = base_record["target"], job.quant
@@ -322,25 +339,31 @@ def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any],
         if profile is not None:
             raise D.Rejected(D.attempt(quant, predicted, "failed verification",
                                        "; ".join(check["problems"])))
-        if not force:
+        if not keep_failed:
             raise ExportError(
                 f"the {target} {quant} export failed verification against the "
                 f"{job.reference.label} ({'; '.join(check['problems'])}); nothing was written "
-                f"to {out_dir}. Pass --force to keep it anyway, or try a higher-precision quant")
+                f"to {out_dir}{_previous(out_dir)}. Try a higher-precision quant, or pass "
+                "--keep-failed to keep it for inspection")
+        _refuse_replacing_good(out_dir, f"the {target} {quant} export failed verification")
     for key in PRIVATE_INFO:
         info.pop(key, None)
     # mkdtemp made the directory private; an export is meant to be shared and served.
     tmp.chmod(0o755)
     record = {**base_record, "quant": quant, "quant_mix": info.get("quant_mix"),
               "verification": check, "exporter": info, "versions": versions(*VERSIONS),
-              "parity": "pending" if gate.enabled else "not run (--no-parity)"}
+              "parity": "not run (verification failed)" if not check["passed"] else
+              "pending" if gate.enabled else "not run (--no-parity)"}
     manifest = write_manifest(tmp, "export", {k: record[k] for k in MANIFEST_ORDER
                                               if k in record})
     real = None
     if profile is not None:
         real = D.check_real_fit(tmp, quant, profile, context, predicted)
-    if gate.enabled:
-        manifest = gate.run(tmp, manifest, force or profile is not None)
+    if gate.enabled and check["passed"]:
+        manifest = gate.run(tmp, manifest, keep_failed or profile is not None)
+        if not manifest["parity"]["passed"] and profile is None:
+            _refuse_replacing_good(out_dir, f"the {target} {quant} export failed the parity "
+                                            "gate")
         if profile is not None and not manifest["parity"]["passed"]:
             raise D.Rejected(D.attempt(quant, predicted, "failed the parity gate",
                                        ", ".join(manifest["parity"]["failures"] or [])))
@@ -355,25 +378,28 @@ class _Gate:
     """The parity gate on a written export, against the trained model. Under ``--device``
     the trained model is loaded once for every attempt (and only if one gets that far)."""
 
-    def __init__(self, adapter_dir, cfg, enabled: bool, progress: bool, shared: bool = False):
+    def __init__(self, adapter_dir, cfg, enabled: bool, progress: bool, scratch: Path | None,
+                 shared: bool = False):
         self.adapter_dir, self.cfg, self.enabled = adapter_dir, cfg, enabled
         self.progress, self.shared, self._ref = progress, shared, None
+        self.scratch = scratch  # the export's work directory: the report is written inside
 
-    def run(self, export_dir: Path, manifest: dict[str, Any], force: bool) -> dict[str, Any]:
-        """The gate's results in the manifest. Beyond the thresholds: ParityError (exit 1) and,
-        unless ``force``, the export is not shipped (the atomic write is rolled back)."""
+    def run(self, export_dir: Path, manifest: dict[str, Any], keep: bool) -> dict[str, Any]:
+        """The gate's results in the manifest. Beyond the thresholds the export is not shipped
+        (ParityError, exit 1; the atomic write is rolled back) unless ``keep`` (then the
+        caller decides)."""
         from .parity import TorchReference, run_parity
 
         if self.shared and self._ref is None:
             self._ref = TorchReference(self.adapter_dir)
-        report_dir = Path(tempfile.mkdtemp(prefix=".parity-", dir=export_dir.resolve().parent))
+        report_dir = Path(tempfile.mkdtemp(prefix="parity-", dir=self.scratch))
         shutil.rmtree(report_dir)
         try:
             try:
                 report = run_parity(self.adapter_dir, [export_dir], report_dir, self.cfg,
                                     force=True, max_new_tokens=self.cfg.max_new_tokens
                                     if self.cfg else 64, progress=self.progress,
-                                    reference_model=self._ref)
+                                    reference_model=self._ref, allow_failed=True)
             except ParityError:
                 report = json.loads((report_dir / "parity.json").read_text())
             name = next(iter(report.get("candidates", {})), None)
@@ -384,11 +410,42 @@ class _Gate:
             manifest = _rewrite_manifest(export_dir, manifest, parity=entry)
         finally:
             shutil.rmtree(report_dir, ignore_errors=True)
-        if not entry["passed"] and not force:
+        if not entry["passed"] and not keep:
             raise ParityError(f"parity gate failed against the trained model "
                               f"({', '.join(entry['failures'] or [])}); the export was not "
-                              "shipped (--force keeps it, --no-parity skips the gate)")
+                              "shipped (--keep-failed keeps it for inspection, --no-parity "
+                              "skips the gate)")
         return manifest
+
+
+def _kept(manifest: dict[str, Any], out_dir: Path, target: str, quant: str) -> dict[str, Any]:
+    """``manifest`` of an export now in place; one that failed a check (``keep_failed``)
+    raises, so the command exits 1 and names where it was kept."""
+    problems = export_failures(manifest)
+    if not problems:
+        return manifest
+    error = ParityError if isinstance(manifest.get("parity"), dict) and \
+        manifest["parity"].get("passed") is not True else ExportError
+    raise error(f"the {target} {quant} export failed: {'; '.join(problems)}; kept for "
+                f"inspection at {out_dir} (--keep-failed). run, serve, parity, bundle and "
+                "devices fit refuse it without --allow-failed")
+
+
+def _previous(out_dir: Path) -> str:
+    return "; the export already there is untouched" if (out_dir / "manifest.json").is_file() \
+        else ""
+
+
+def _refuse_replacing_good(out_dir: Path, what: str) -> None:
+    """``--keep-failed`` never replaces an export that passed its checks."""
+    try:
+        old = read_json(out_dir / "manifest.json")
+    except (EdgeQloraError, OSError):
+        return
+    if isinstance(old, dict) and old.get("kind") == "export" and not export_failures(old):
+        raise ExportError(f"{what}; the export already at {out_dir} passed its checks and is "
+                          "kept (--keep-failed never replaces a good export: give the failed "
+                          "one another --out)")
 
 
 def _rewrite_manifest(export_dir: Path, manifest: dict[str, Any], **updates: Any
@@ -403,14 +460,14 @@ def _rewrite_manifest(export_dir: Path, manifest: dict[str, Any], **updates: Any
 def _prepare(out_dir: Path, force: bool) -> None:
     try:
         prepare_output(out_dir, force=force, what="export")
+        remove_stale_siblings(out_dir)
     except OSError as exc:  # e.g. a parent path that is a file, or a read-only mount
         raise InputError(f"cannot write export {out_dir}: {exc.strerror or exc}") from None
 
 
 def _scratch(out_dir: Path) -> Path:
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.work-",
-                                     dir=out_dir.resolve().parent))
+        return scratch_dir(out_dir, "work")
     except OSError as exc:
         raise InputError(f"cannot write export {out_dir}: {exc.strerror}") from None
 

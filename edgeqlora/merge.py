@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import (TOKENIZER_FILES, SafetensorsStreamWriter, read_json,
+from .artifacts import (TOKENIZER_FILES, SafetensorsStreamWriter, check_lora_config, read_json,
                         read_verified_manifest, safetensors_files, safetensors_specs,
                         write_manifest)
 from .config import MERGE_BASES
@@ -127,6 +127,7 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         raise InputError(f"adapter {adapter_dir} has no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS}; "
                          "is it a PEFT adapter written by edgeqlora train?")
     cfg = read_json(cfg_path, InputError)
+    check_lora_config(cfg, cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InputError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA "
                          "adapters can be merged")
@@ -223,6 +224,9 @@ def _roundtrip_settings(quant: dict[str, Any]) -> dict[str, Any]:
 def nf4_roundtrip(weight, quant: dict[str, Any]):
     """``weight`` as the trained model saw it: quantized to 4-bit by bitsandbytes with the
     adapter's settings, dequantized back to fp32 (the same two calls Linear4bit makes)."""
+    from .qlora import quiet_bnb_import
+
+    quiet_bnb_import()
     import bitsandbytes.functional as bnbf
 
     s = _roundtrip_settings(quant)

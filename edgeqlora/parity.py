@@ -389,12 +389,13 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
                cfg=None, *, examples: int | None = None, text_tokens: int | None = None,
                max_new_tokens: int = 64, n_threads: int | None = None, force: bool = False,
                progress: bool = True, reference_model: Reference | None = None,
-               ) -> dict[str, Any]:
+               allow_failed: bool = False) -> dict[str, Any]:
     """Compare each candidate export with the trained adapter; write ``parity.json``,
     ``parity.md`` and ``parity.png`` into ``out``; raise ParityError if any candidate fails.
 
     ``cfg`` is a ``Config`` (its ``parity`` section is used) or a ``ParityConfig``; default
-    thresholds otherwise. ``reference_model`` replaces the torch reference (tests).
+    thresholds otherwise. ``reference_model`` replaces the torch reference (tests). A candidate
+    whose manifest records a failed verification or gate is refused unless ``allow_failed``.
     """
     from . import runtimes
     from .artifacts import atomic_dir, prepare_output, read_manifest, versions
@@ -425,7 +426,7 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
             kwargs: dict[str, Any] = {}
             if n_threads:
                 kwargs["n_threads"] = n_threads
-            loaded[name] = runtimes.load(path, **kwargs)
+            loaded[name] = runtimes.load(path, allow_failed=allow_failed, **kwargs)
         say("loading the trained reference (NF4 base + adapter)")
         ref = reference_model if reference_model is not None else TorchReference(reference)
         text_seqs = english_sequences(ref.tokenize, text_tokens) if text_tokens else []

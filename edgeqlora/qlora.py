@@ -158,7 +158,7 @@ def cpu_repacked_layers(model) -> list[str]:
                        "packing_format_for_cpu", False)]
 
 
-def _quiet_bnb_import() -> None:
+def quiet_bnb_import() -> None:
     """Import bitsandbytes without its CPU-backend warning that the optional ``kernels``
     package (a faster AVX512 inference kernel) is missing: that kernel is exactly the repack
     path ``guard_cpu_4bit`` turns off, so the warning would only confuse."""
@@ -217,7 +217,7 @@ def load_base(path, quant: str = "nf4", double_quant: bool = True, compute_dtype
     dtype = resolve_compute_dtype(compute_dtype, device)
     qconfig = _bnb_config(quant, double_quant, dtype)
     if qconfig is not None:
-        _quiet_bnb_import()
+        quiet_bnb_import()
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -351,6 +351,11 @@ def load_trained(adapter_dir, device=None):
 
     adapter_dir = Path(adapter_dir)
     manifest = read_verified_manifest(adapter_dir, "adapter", "adapter")
+    from .artifacts import check_lora_config, read_json
+
+    config = adapter_dir / "adapter_config.json"
+    if config.is_file():
+        check_lora_config(read_json(config), config)  # before PEFT meets it
     base = manifest.get("base", {})
     quant = manifest.get("quant", {})
     path = Path(base.get("path", ""))

@@ -161,12 +161,18 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
             # The parity gate below is the one that judges; the exporter's own verification
             # still runs (and is recorded) but does not stop the demo.
             em = export_adapter(adapter, out / "exports" / name, target=target, quant=quant,
-                                merge_base=cfg.export.merge_base, force=True, cfg=cfg,
-                                eval_tokens=min(cfg.export.eval_tokens, 1024))
+                                merge_base=cfg.export.merge_base, force=True, keep_failed=True,
+                                cfg=cfg, eval_tokens=min(cfg.export.eval_tokens, 1024))
         except EdgeQloraError as exc:
-            _say(f"export {name} failed: {exc}")
-            exports.append({"name": name, "target": target, "quant": quant, "error": str(exc)})
-            continue
+            kept = out / "exports" / name / "manifest.json"
+            if not kept.is_file():
+                _say(f"export {name} failed: {exc}")
+                exports.append({"name": name, "target": target, "quant": quant,
+                                "error": str(exc)})
+                continue
+            # Kept (--keep-failed): the parity report below shows what it costs.
+            _say(f"export {name}: {exc}")
+            em = json.loads(kept.read_text())
         timings[f"export_{name}_s"] = time.perf_counter() - t0
         export_dirs[name] = out / "exports" / name
         # The whole export dir (model file + tokenizer + template), as it ships.
@@ -186,7 +192,8 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
         t0 = time.perf_counter()
         try:
             parity = run_parity(adapter, list(export_dirs.values()), out / "parity", cfg,
-                                max_new_tokens=cfg.max_new_tokens, force=True)
+                                max_new_tokens=cfg.max_new_tokens, force=True,
+                                allow_failed=True)
         except ParityError as exc:
             _say(str(exc))
             parity = json.loads((out / "parity" / "parity.json").read_text())

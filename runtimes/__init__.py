@@ -21,7 +21,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeqlora.artifacts import MANIFEST, read_manifest, sha256_file
+from edgeqlora.artifacts import MANIFEST, check_usable_export, read_manifest, sha256_file
 from edgeqlora.errors import InputError, ManifestError
 
 from .base import Completion, Runtime, default_threads
@@ -108,12 +108,15 @@ def check_export_files(export_dir: Path, manifest: dict[str, Any], verify: bool)
                          + "; ".join(problems) + ". Re-run the export.")
 
 
-def load(path: str | Path, verify: bool = False, **kwargs: Any) -> Runtime:
+def load(path: str | Path, verify: bool = False, allow_failed: bool = False,
+         **kwargs: Any) -> Runtime:
     """Load an export directory (``manifest.json`` with ``kind: export``) or a bare model file.
 
     The format comes from the manifest's ``target``, or for a bare file from its magic bytes.
     ``verify=True`` also checks every file's sha256 against the manifest (sizes are always
-    checked). Keyword arguments go to the runtime (``n_ctx``, ``n_threads``, ``lora_path``...).
+    checked). An export whose manifest records a failed verification or parity gate (kept
+    with ``--keep-failed``) is refused unless ``allow_failed``. Keyword arguments go to the
+    runtime (``n_ctx``, ``n_threads``, ``lora_path``...).
     """
     p = Path(path)
     if not p.exists():
@@ -128,6 +131,7 @@ def load(path: str | Path, verify: bool = False, **kwargs: Any) -> Runtime:
             raise ManifestError(f"{p / MANIFEST} has no 'target' (expected one of "
                                 f"{', '.join(sorted(RUNTIMES))})")
         loader = _loader(target)
+        check_usable_export(p, manifest, allow_failed, "load")
         check_export_files(p, manifest, verify)
         model, adapter = model_files(p, manifest, target)
         if adapter is not None:

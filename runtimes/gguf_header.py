@@ -127,10 +127,16 @@ def read_gguf_header(path: str | Path, error: type[Exception] = InputError
         align = kv.get("general.alignment", 32)
         start = -(-pos // align) * align
         tensors = [dataclasses.replace(t, offset=start + t.offset) for t in tensors]
+        size = len(buf)
     except (struct.error, IndexError, OverflowError, MemoryError) as exc:
         raise error(f"{path} is truncated or not a valid GGUF file ({exc})") from None
     finally:
         buf.close()
+    end = max((t.offset + t.n_bytes for t in tensors), default=0)
+    if end > size:
+        # The header alone reads fine when only the tensor data was cut off (a partial copy).
+        raise error(f"{path} is truncated: its tensor data ends at byte {end}, the file has "
+                    f"{size} bytes; copy or export it again")
     return kv, tensors
 
 

@@ -5,20 +5,28 @@ OpenAI API does), ``POST /v1/completions``, ``GET /v1/models``, ``GET /health`` 
 chat page at ``/``. Written over our runtime interface rather than llama-cpp-python's server so
 that one server serves every export format with the same chat template handling.
 
-Robustness rules: the request body is read up to ``max_body_bytes`` and refused beyond it (413);
-``max_tokens`` above the server's limit, bad JSON or fields of the wrong type answer 400 with an
-OpenAI-style error object; an unexpected failure answers 500 and the server keeps running.
+Robustness rules: the request body is read up to ``max_body_bytes`` and refused beyond it (413),
+and within ``BODY_TIMEOUT_S`` (408: a stalled upload does not hold a connection forever); a POST
+must say ``Content-Type: application/json`` (415: a cross-site form or ``text/plain`` "simple
+request" is refused before any work); the ``Host`` header must name this server
+(``allowed_hosts``: against DNS rebinding, 421 otherwise); ``max_tokens`` above the server's
+limit, bad or too deeply nested JSON or fields of the wrong type answer 400 with an OpenAI-style
+error object; an unexpected failure answers 500 and the server keeps running.
 
-The runtime is not thread-safe, so generation runs in a worker thread holding a lock: requests
-are served one at a time, in order. A streaming client that disconnects stops its generation
-at the next token, which releases the lock.
+The event loop only moves bytes: reading a body, parsing it, rendering the chat template and
+tokenizing run in worker threads, so one huge request never stalls ``/health`` or another
+client. The runtime is not thread-safe for generation, so generation runs in a worker thread
+holding a lock: requests are served one at a time, in order. A client that disconnects, streaming
+or not, stops its generation at the next token, which releases the lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -34,6 +42,37 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_TOKENS = 256
+BODY_TIMEOUT_S = 30.0  # to receive a whole request body
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+
+
+def default_allowed_hosts(bind: str) -> frozenset[str] | None:
+    """``Host`` names a server bound to ``bind`` answers to, besides IP literals (which DNS
+    rebinding cannot forge): the loopback names on loopback, plus this machine's host name (and
+    ``NAME.local``) on any other address. None would switch the check off."""
+    names = set(LOOPBACK_NAMES)
+    if bind not in LOOPBACK_NAMES:
+        host = socket.gethostname().lower()
+        names |= {host, f"{host}.local", socket.getfqdn().lower()}
+    return frozenset(names)
+
+
+def host_allowed(header: str | None, allowed: frozenset[str] | None) -> bool:
+    """Whether a request's ``Host`` header (``name[:port]``, ``[v6]:port``) is acceptable."""
+    if allowed is None:
+        return True
+    if not header:
+        return False
+    name = header.strip().lower()
+    if name.startswith("["):  # [::1]:8080
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name.rstrip(".") in allowed
 
 
 class RequestError(Exception):
@@ -104,12 +143,15 @@ class ServerState:
         try:
             check_sampling(**kwargs)
         except InputError as exc:
-            raise RequestError(str(exc)) from None
+            # The API's name for the field, not the runtime's.
+            raise RequestError(str(exc).replace("max_new_tokens", "max_tokens")) from None
         return kwargs
 
     async def run(self, prompt_ids: list[int], kwargs: dict[str, Any],
-                  result: Completion) -> AsyncIterator[str]:
-        """Text pieces from a worker thread that holds the runtime lock."""
+                  result: Completion, gone=None) -> AsyncIterator[str]:
+        """Text pieces from a worker thread that holds the runtime lock. ``gone`` (an async
+        callable: has the client disconnected?) is polled while waiting, so a client that went
+        away stops its generation even when nothing is being sent to it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -136,7 +178,17 @@ class ServerState:
         loop.run_in_executor(None, work)
         try:
             while True:
-                kind, value = await queue.get()
+                if gone is None:
+                    kind, value = await queue.get()
+                else:
+                    try:
+                        kind, value = await asyncio.wait_for(queue.get(), timeout=0.25)
+                    except asyncio.TimeoutError:
+                        if await gone():
+                            return
+                        continue
+                    if await gone():
+                        return
                 if kind == "piece":
                     yield value
                 elif kind == "done":
@@ -182,8 +234,11 @@ def _check_room(state: ServerState, ids: list[int]) -> None:
 
 def create_app(runtime: Runtime, model_id: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
-    """The ASGI app serving ``runtime``. Needs ``pip install 'edgeqlora[serve]'``."""
+               max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+               allowed_hosts: frozenset[str] | None = None):
+    """The ASGI app serving ``runtime``. Needs ``pip install 'edgeqlora[serve]'``.
+    ``allowed_hosts`` (``default_allowed_hosts``; ``serve`` passes it) checks every request's
+    ``Host``; None does not (an app mounted behind a proxy that checks)."""
     require("starlette", "serve", "edgeqlora serve")
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect, Request
@@ -202,6 +257,10 @@ def create_app(runtime: Runtime, model_id: str | None = None,
         return JSONResponse(_error_body(str(exc), kind, exc.param), status_code=exc.status)
 
     async def read_json(request: Request) -> dict[str, Any]:
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            raise RequestError(f"Content-Type must be application/json, got "
+                               f"{kind or 'none'!r}", status=415)
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -210,25 +269,31 @@ def create_app(runtime: Runtime, model_id: str | None = None,
                 raise RequestError(f"request body of {declared} bytes is above the limit of "
                                    f"{state.max_body_bytes}", status=413)
         body = bytearray()
-        try:
+
+        async def receive() -> None:
             async for chunk in request.stream():
-                body += chunk
+                body.extend(chunk)
                 if len(body) > state.max_body_bytes:
                     raise RequestError(f"request body is above the limit of "
                                        f"{state.max_body_bytes} bytes", status=413)
+
+        try:
+            await asyncio.wait_for(receive(), timeout=BODY_TIMEOUT_S)
         except ClientDisconnect:
             raise RequestError("client disconnected", status=400) from None
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RequestError(f"request body is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise RequestError("request body must be a JSON object")
-        return data
+        except asyncio.TimeoutError:
+            raise RequestError(f"request body not received within {BODY_TIMEOUT_S:.0f} s",
+                               status=408) from None
+        # Parsed off the event loop: a megabyte of JSON is tens of milliseconds.
+        return await asyncio.to_thread(_parse_body, bytes(body))
 
     def guarded(handler):
         async def endpoint(request: Request):
             try:
+                if not host_allowed(request.headers.get("host"), allowed_hosts):
+                    raise RequestError(f"Host {request.headers.get('host')!r} is not this "
+                                       "server's (edgeqlora serve --allowed-host NAME adds one)",
+                                       status=421)
                 return await handler(request)
             except RequestError as exc:
                 return error(exc)
@@ -246,7 +311,9 @@ def create_app(runtime: Runtime, model_id: str | None = None,
     async def respond(request: Request, chat: bool):
         body = await read_json(request)
         kwargs = state.sampling(body)
-        ids = _chat_prompt(state, body) if chat else _completion_prompt(state, body)
+        # Template rendering and tokenization are CPU work: in a thread, off the event loop
+        # (tokenizing is read-only on the model, safe beside a generation).
+        ids = await asyncio.to_thread(_chat_prompt if chat else _completion_prompt, state, body)
         _check_room(state, ids)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -262,7 +329,8 @@ def create_app(runtime: Runtime, model_id: str | None = None,
                     "total_tokens": result.prompt_tokens + result.completion_tokens}
 
         if not stream:
-            text = "".join([p async for p in state.run(ids, kwargs, result)])
+            text = "".join([p async for p in state.run(ids, kwargs, result,
+                                                       gone=request.is_disconnected)])
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": result.finish_reason} if chat else
                       {"index": 0, "text": text, "finish_reason": result.finish_reason,
@@ -333,6 +401,18 @@ def create_app(runtime: Runtime, model_id: str | None = None,
     return app
 
 
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError("request body must be a JSON object")
+    return data
+
+
 def _html_escape(text: str) -> str:
     import html
 
@@ -341,10 +421,14 @@ def _html_escape(text: str) -> str:
 
 def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 8080,
           model_id: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info") -> None:
-    """Run the server until interrupted (uvicorn, one process)."""
+          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info",
+          extra_hosts: tuple[str, ...] = (), on_ready=None) -> None:
+    """Run the server until interrupted (uvicorn, one process). Requests must name this server
+    in ``Host`` (``default_allowed_hosts`` plus ``extra_hosts``). ``on_ready()`` is called once
+    the port is known to be free, before serving (the CLI prints its address there)."""
     uvicorn = require("uvicorn", "serve", "edgeqlora serve")
-    app = create_app(runtime, model_id, max_body_bytes, max_tokens_limit)
+    allowed = default_allowed_hosts(host) | {h.strip().lower() for h in extra_hosts}
+    app = create_app(runtime, model_id, max_body_bytes, max_tokens_limit, allowed)
     if not 0 <= port <= 65535:
         raise InputError(f"port {port} is not in 0..65535")
     # uvicorn logs a bind failure and calls sys.exit; bind once ourselves for a clear error.
@@ -358,4 +442,9 @@ def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 8080,
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
                          "(another server there? pick --port)") from None
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    if on_ready is not None:
+        on_ready()
+    # timeout_keep_alive: an idle kept-alive connection is closed after 5 s (uvicorn's default,
+    # stated); a stalled body is BODY_TIMEOUT_S.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_keep_alive=5)

@@ -219,9 +219,13 @@ def test_model_facts_from_an_onnx_export(tmp_path):
     assert any("estimate" in n for n in r.notes) and r.verdict == "fits"
     assert F.fit(facts, load_profile("android-mid"), 1024).verdict == "no runtime"
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(DeviceError, match="config.json: 23 bytes, the manifest says"):
+        F.model_facts(d)  # a file changed behind the manifest's back
+    write_manifest(d, "export", {"target": "onnx", "quant": "int4"})
     with pytest.raises(DeviceError, match="config.json lacks num_hidden_layers"):
         F.model_facts(d)
     (d / "config.json").unlink()
+    write_manifest(d, "export", {"target": "onnx", "quant": "int4"})
     with pytest.raises(DeviceError, match="has no config.json"):
         F.model_facts(d)
 

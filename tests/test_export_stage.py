@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -74,10 +75,12 @@ def test_nan_metrics_fail_verification_even_if_the_exporter_passed_them(tiny, tm
         export_adapter(tiny["adapter"], tmp_path / "x", quant="f16", merge_base="original",
                        eval_tokens=32)
     assert not (tmp_path / "x").exists()
-    # Forced, it is kept but recorded as failed (never as passed).
-    m = export_adapter(tiny["adapter"], tmp_path / "y", quant="f16", merge_base="original",
-                       eval_tokens=32, force=True)
-    assert m["verification"]["passed"] is False
+    # Kept on request, but recorded as failed (never as passed), and still an error.
+    with pytest.raises(ExportError, match="kept for inspection"):
+        export_adapter(tiny["adapter"], tmp_path / "y", quant="f16", merge_base="original",
+                       eval_tokens=32, keep_failed=True)
+    m = json.loads((tmp_path / "y" / "manifest.json").read_text())
+    assert m["verification"]["passed"] is False and m["verification"]["kld"] == "NaN"
 
 
 @needs_llama_cpp

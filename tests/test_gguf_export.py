@@ -171,7 +171,7 @@ def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
     assert offsets == {t.name: int(t.data_offset) for t in reader.tensors}
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:-4096])
-    with pytest.raises(ExportError, match="cannot be read back as GGUF .*truncated"):
+    with pytest.raises(ExportError, match="is truncated: its tensor data ends at byte"):
         read_back(cut)
 
 
@@ -450,7 +450,7 @@ def test_truncated_adapter_leaves_nothing(tiny, tmp_path, capsys):
 
 
 @needs_llama_cpp
-def test_failed_verification_ships_nothing_unless_forced(tiny, tmp_path, capsys):
+def test_failed_verification_ships_nothing_unless_kept(tiny, tmp_path, capsys):
     from edgeqlora.cli import main
 
     out = tmp_path / "out"
@@ -461,7 +461,8 @@ def test_failed_verification_ships_nothing_unless_forced(tiny, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "failed verification" in err and "top-1 agreement" in err
     assert not out.exists() and not _leftovers(tmp_path, "out")
-    assert main(args + ["--force"]) == 0
+    assert main(args + ["--keep-failed"]) == 1
+    assert "kept for inspection" in capsys.readouterr().err
     v = _manifest(out)["verification"]
     assert v["passed"] is False and v["thresholds"]["min_top1"] == 1.01
 

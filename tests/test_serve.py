@@ -117,7 +117,7 @@ def test_models_health_and_page(client):
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
      400, "text part"),
     (json.dumps({"messages": MESSAGES, "max_tokens": 65}).encode(), 400, "limit of 64"),
-    (json.dumps({"messages": MESSAGES, "max_tokens": 0}).encode(), 400, "max_new_tokens"),
+    (json.dumps({"messages": MESSAGES, "max_tokens": 0}).encode(), 400, "max_tokens=0"),
     (json.dumps({"messages": MESSAGES, "temperature": "hot"}).encode(), 400, "temperature"),
     (json.dumps({"messages": MESSAGES, "n": 3}).encode(), 400, "one choice"),
     (json.dumps({"messages": MESSAGES, "stream": "yes"}).encode(), 400, "stream"),
@@ -200,13 +200,22 @@ def test_cli_serve_over_real_uvicorn_on_loopback(gguf_path):
             assert r.status_code == 200
             body = "".join(r.iter_text())
         assert body.endswith("data: [DONE]\n\n")
-        bad = httpx.post(f"{base}/v1/chat/completions", content=b"{", timeout=10)
+        bad = httpx.post(f"{base}/v1/chat/completions", content=b"{", timeout=10,
+                         headers={"content-type": "application/json"})
         assert bad.status_code == 400
-        # A second server on the same port is refused with a clear message.
+        # A body that does not say it is JSON (a cross-site form post) and a Host that is not
+        # this server's (DNS rebinding) are refused.
+        assert httpx.post(f"{base}/v1/chat/completions", content=b"{}",
+                          timeout=10).status_code == 415
+        assert httpx.get(f"{base}/health", headers={"host": "evil.example"},
+                         timeout=10).status_code == 421
+        # A second server on the same port is refused with a clear message, and never says
+        # it is serving.
         second = subprocess.run(
             [sys.executable, "-m", "edgeqlora", "serve", str(gguf_path), "--port", str(port)],
             capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "cannot listen" in second.stderr
+        assert "serving" not in second.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -42,14 +42,24 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "LoRA inputs")
     p.add_argument("--lora-scale", type=float, default=None,
                    help="GGUF only: the adapter's strength (default 1.0)")
+    add_allow_failed(p)
+
+
+def add_allow_failed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-failed", action="store_true",
+                   help="use an export whose manifest records a failed verification or parity "
+                        "gate (one kept with 'export --keep-failed'); refused otherwise")
 
 
 def load_runtime(args):
     """The export in ``args.export`` loaded through its runtime (torch-free); flags left unset
     fall back to the runtime's own defaults."""
+    from ..errors import InputError
     from ..runtimes import load
 
     kwargs = {}
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads} must be >= 1 (leave it out for the default)")
     if args.threads is not None:
         kwargs["n_threads"] = args.threads
     if args.n_ctx is not None:
@@ -58,4 +68,4 @@ def load_runtime(args):
         kwargs["lora_path"] = args.lora
     if args.lora_scale is not None:
         kwargs["lora_scale"] = args.lora_scale
-    return load(args.export, **kwargs)
+    return load(args.export, allow_failed=args.allow_failed, **kwargs)

@@ -11,6 +11,7 @@ READMEs use it, so ``normalize_argv`` puts the word back before argparse sees it
 from __future__ import annotations
 
 from ..errors import InputError
+from ._common import add_allow_failed
 
 HELP = ("pack an export for a device into a verified .tar.gz ('bundle verify FILE' checks one, "
         "'bundle unpack FILE DIR' verifies and extracts)")
@@ -45,6 +46,7 @@ def add_arguments(p) -> None:
                              "(default 2048)")
     create.add_argument("--force", action="store_true",
                         help="bundle even if the export does not fit; replace an existing --out")
+    add_allow_failed(create)
     verify = s.add_parser("verify", help="check a bundle's files against its manifest")
     verify.add_argument("file", metavar="FILE", help="a bundle or an unpacked bundle folder")
     unpack = s.add_parser("unpack", help="verify a bundle and extract it")
@@ -68,7 +70,7 @@ def run(args) -> int:
     if not args.device or not args.out:
         raise InputError("edgeqlora bundle EXPORT needs --device NAME and --out FILE.tar.gz")
     manifest = create_bundle(args.export, args.device, args.out, context=args.context,
-                             force=args.force)
+                             force=args.force, allow_failed=args.allow_failed)
     fit = manifest["fit"]
     print(f"wrote {args.out}: {describe(manifest)}; predicted {fit['total_bytes'] / 2**20:.0f} "
           f"MiB of {fit['usable_bytes'] / 2**20:.0f} MiB usable ({fit['verdict']})")

@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     fit.add_argument("--context", type=int, default=2048,
                      help="context window in tokens the memory is sized for (default 2048)")
     fit.add_argument("--json", action="store_true", help="print the results as JSON")
+    fit.add_argument("--allow-failed", action="store_true",
+                     help="fit an export whose manifest records a failed verification or "
+                          "parity gate (refused otherwise)")
 
 
 def run(args) -> int:
@@ -42,8 +45,9 @@ def _fit(args) -> int:
     from ..devices.fit import MiB, fit, model_facts
     from ..devices.profiles import load_profiles
 
-    facts = model_facts(args.export)
-    results = [fit(facts, pr, args.context) for pr in load_profiles(args.device)]
+    profiles = load_profiles(args.device)  # a bad profile fails before the model is read
+    facts = model_facts(args.export, allow_failed=args.allow_failed)
+    results = [fit(facts, pr, args.context) for pr in profiles]
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return 0

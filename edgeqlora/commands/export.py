@@ -66,7 +66,12 @@ def add_arguments(p) -> None:
                         "adapter's training data (auto) or calibration rows in PATH "
                         "(default export.imatrix: none)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out; keep an export that fails verification")
+                   help="replace an existing --out, once the new export has passed every check "
+                        "(a failing one leaves it untouched)")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep an export that fails verification or the parity gate, for "
+                        "inspection (exit 1; its manifest says so and run, serve, bundle, "
+                        "parity and devices fit refuse it without --allow-failed)")
 
 
 def run(args) -> int:
@@ -100,7 +105,8 @@ def run(args) -> int:
                               merge_base=args.merge_base or cfg.export.merge_base,
                               adapter_only=args.adapter_only, adapter_quant=args.adapter_quant,
                               merge=args.merge,
-                              force=args.force, eval_tokens=cfg.export.eval_tokens, cfg=cfg,
+                              force=args.force, keep_failed=args.keep_failed,
+                              eval_tokens=cfg.export.eval_tokens, cfg=cfg,
                               thresholds={"min_top1": args.min_top1, "max_kld": args.max_kld},
                               progress=show_progress(), parity=not args.no_parity,
                               device=args.device,
@@ -124,12 +130,12 @@ def summary_rows(manifest: dict, target: str, out: str) -> list[tuple[str, str]]
                                            "none (unmerged)"))
              + (f" (KLD vs trained: {klds})" if klds else "")),
             ("verification", "passed" if check.get("passed") else
-             "FAILED (kept with --force): " + "; ".join(check.get("problems", [])))]
+             "FAILED (kept with --keep-failed): " + "; ".join(check.get("problems", [])))]
     gate = manifest.get("parity")
     if isinstance(gate, dict):
         m = (gate.get("metrics") or {})
         rows.append(("parity vs trained", ("passed" if gate.get("passed") else "FAILED (kept "
-                     "with --force): " + ", ".join(gate.get("failures") or []))
+                     "with --keep-failed): " + ", ".join(gate.get("failures") or []))
                      + "; " + ", ".join(f"{k} {v:.4g}" for k, v in _flat_metrics(m).items())))
     else:
         rows.append(("parity vs trained", str(gate)))

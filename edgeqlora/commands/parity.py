@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_config_args, load_cfg
+from ._common import add_allow_failed, add_config_args, load_cfg, show_progress
 
 HELP = ("compare exports with the trained model; exit 1 if one is beyond the config's parity "
         "thresholds")
@@ -20,6 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="directory for parity.json, parity.md, "
                    "parity.png")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_allow_failed(p)
     p.add_argument("--examples", type=int, default=None,
                    help="held-out task examples (default: parity.eval_examples)")
     p.add_argument("--text-tokens", type=int, default=None,
@@ -38,7 +39,8 @@ def run(args) -> int:
         report = run_parity(args.reference, args.candidate, args.out, cfg,
                             examples=args.examples, text_tokens=args.text_tokens,
                             max_new_tokens=args.max_new_tokens or cfg.max_new_tokens,
-                            n_threads=args.threads, force=args.force)
+                            n_threads=args.threads, force=args.force,
+                            allow_failed=args.allow_failed, progress=show_progress())
     except ParityError:
         # The report says which metric failed by how much; the error line follows it.
         print((Path(args.out) / "parity.md").read_text(), end="")

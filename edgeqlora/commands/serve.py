@@ -15,6 +15,10 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a name clients may use in the Host header besides IP addresses, "
+                        "localhost and this machine's host name (repeatable; against DNS "
+                        "rebinding every other name is refused)")
     p.add_argument("--model-id", default=None, help="model name in /v1/models (default: "
                    "the export's name)")
     p.add_argument("--max-tokens", type=int, default=1024,
@@ -30,10 +34,14 @@ def run(args) -> int:
     try:
         model_id = args.model_id or Path(args.export).resolve().name
         create_app(rt, model_id, args.max_body_bytes, args.max_tokens)  # check the limits first
-        print(f"serving {args.export} as '{model_id}' on http://{args.host}:{args.port}/ "
-              "(OpenAI API under /v1)", file=sys.stderr)
+
+        def ready() -> None:  # once the port is known to be free
+            print(f"serving {args.export} as '{model_id}' on http://{args.host}:{args.port}/ "
+                  "(OpenAI API under /v1)", file=sys.stderr)
+
         serve(rt, host=args.host, port=args.port, model_id=model_id,
-              max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens)
+              max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens,
+              extra_hosts=tuple(args.allowed_host), on_ready=ready)
     finally:
         rt.close()
     return 0

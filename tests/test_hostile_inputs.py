@@ -1,0 +1,537 @@
+"""Hostile and careless input, command by command: each case asserts the exit code, one line
+on stderr, no traceback, nothing half-written left behind and a previous good output untouched.
+
+New commands and features add their cases here, under their command's heading.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_model, has_module
+from lora_fixtures import make_adapter
+
+needs_llama_cpp = pytest.mark.skipif(not has_module("llama_cpp"),
+                                     reason="needs llama-cpp-python")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("hostile")
+    base = build_tiny_model(root / "base", tokenizer_dir)
+    return {"root": root, "base": base, "adapter": make_adapter(root / "adapter", base)}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _strict_json(path: Path) -> dict:
+    """json.loads that refuses the bare NaN / Infinity Python's json writes by default."""
+    def refuse(name):
+        raise AssertionError(f"{path} holds a bare {name}: not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+def _leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def _edited_adapter(src: Path, dst: Path, edit) -> Path:
+    """A copy of the adapter ``src`` changed by ``edit(dir)``, with its manifest's file table
+    rewritten so that the edit is not caught as tampering but by the check under test."""
+    from edgeqlora.artifacts import file_table
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["files"] = file_table(dst)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def _export_args(adapter: Path, out: Path, *extra: str) -> list[str]:
+    return ["export", str(adapter), "export.eval_tokens=32", "--out", str(out), "--quant",
+            "q4_0", "--merge-base", "original", "--no-parity", *extra]
+
+
+FAILING = ("--min-top1", "1.01")  # top-1 agreement can never reach it
+
+
+@pytest.fixture(scope="module")
+def good_export(tiny):
+    from edgeqlora.cli import main
+
+    out = tiny["root"] / "good"
+    assert main(_export_args(tiny["adapter"], out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def failed_export(tiny):
+    from edgeqlora.cli import main
+
+    out = tiny["root"] / "failed"
+    assert main(_export_args(tiny["adapter"], out, *FAILING, "--keep-failed")) == 1
+    return out
+
+
+# export
+
+
+@needs_llama_cpp
+def test_export_failing_verification_writes_nothing_even_with_force(tiny, tmp_path, capsys):
+    from edgeqlora.cli import main
+
+    out = tmp_path / "out"
+    for extra in ((), ("--force",)):
+        assert main(_export_args(tiny["adapter"], out, *FAILING, *extra)) == 1
+        err = _one_line(capsys)
+        assert "failed verification" in err and "--keep-failed" in err
+        assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
+@needs_llama_cpp
+def test_export_force_never_replaces_a_good_export_with_a_failed_one(tiny, good_export, capsys):
+    from edgeqlora.cli import main
+
+    before = _snapshot(good_export)
+    for extra in (("--force",), ("--force", "--keep-failed")):
+        assert main(_export_args(tiny["adapter"], good_export, *FAILING, *extra)) == 1
+        err = _one_line(capsys)
+        assert "failed verification" in err
+        assert _snapshot(good_export) == before
+        assert not _leftovers(good_export.parent, good_export.name)
+
+
+@needs_llama_cpp
+def test_export_keep_failed_keeps_it_marked_and_exits_1(failed_export):
+    manifest = _strict_json(failed_export / "manifest.json")
+    assert manifest["verification"]["passed"] is False
+    assert manifest["verification"]["thresholds"]["min_top1"] == 1.01
+    assert manifest["parity"] == "not run (verification failed)"
+
+
+@needs_llama_cpp
+def test_export_keep_failed_refuses_device(tiny, tmp_path, capsys):
+    from edgeqlora.cli import main
+
+    rc = main(_export_args(tiny["adapter"], tmp_path / "o", "--keep-failed", "--device", "pi5"))
+    assert rc == 2 and "--device" in _one_line(capsys)
+
+
+def test_export_output_that_is_or_holds_the_input_is_refused_before_any_work(tiny, capsys):
+    from edgeqlora.cli import main
+
+    adapter = tiny["adapter"]
+    before = _snapshot(adapter)
+    for out, word in ((adapter, "is the adapter"), (adapter.parent, "contains the adapter"),
+                      (adapter / "export", "is inside the adapter"),
+                      (tiny["base"] / "export", "is inside the base model")):
+        assert main(_export_args(adapter, out, "--force")) == 2
+        assert word in _one_line(capsys)
+    assert _snapshot(adapter) == before
+
+
+@needs_llama_cpp
+def test_export_nan_adapter_fails_closed_and_its_kept_manifest_is_json(tiny, tmp_path, capsys):
+    from edgeqlora.cli import main
+
+    def poison(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(d / "adapter_model.safetensors")
+        for k in weights:
+            if "lora_B" in k:
+                weights[k].fill_(float("nan"))
+        save_file(weights, d / "adapter_model.safetensors")
+
+    adapter = _edited_adapter(tiny["adapter"], tmp_path / "nan-adapter", poison)
+    out = tmp_path / "out"
+    assert main(_export_args(adapter, out)) == 1
+    assert "non-finite" in _one_line(capsys) and not out.exists()
+    assert main(_export_args(adapter, out, "--keep-failed")) == 1
+    _one_line(capsys)
+    check = _strict_json(out / "manifest.json")["verification"]
+    assert check["passed"] is False and check["kld"] in ("NaN", "Infinity")
+
+
+@pytest.mark.parametrize("config, word", [
+    ([1, 2], "JSON object"),
+    ({"peft_type": "LORA", "r": 0, "lora_alpha": 16}, "r = 0"),
+    ({"peft_type": "LORA", "r": 8, "lora_alpha": "sixteen"}, "lora_alpha"),
+    ({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "alpha_pattern": {"q_proj": None}},
+     "alpha_pattern"),
+])
+def test_export_bad_adapter_config_is_one_line(tiny, tmp_path, capsys, config, word):
+    from edgeqlora.cli import main
+
+    def rewrite(d: Path) -> None:
+        if isinstance(config, dict):
+            full = json.loads((d / "adapter_config.json").read_text())
+            full.update(config)
+        else:
+            full = config
+        (d / "adapter_config.json").write_text(json.dumps(full))
+
+    adapter = _edited_adapter(tiny["adapter"], tmp_path / "ad", rewrite)
+    assert main(_export_args(adapter, tmp_path / "out")) == 2
+    err = _one_line(capsys)
+    assert "adapter_config.json" in err and word in err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_llama_cpp
+def test_export_removes_what_a_killed_export_left_and_keeps_a_live_ones(tiny, tmp_path):
+    from edgeqlora.cli import main
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = [tmp_path / f".out.work-{dead}-abc", tmp_path / f".out.tmp-{dead}-def",
+             tmp_path / f".out.old-{dead}"]
+    live = tmp_path / f".out.work-{os.getppid()}-xyz"  # pytest's parent: alive
+    for d in (*stale, live):
+        d.mkdir()
+        (d / "model.gguf").write_bytes(b"x" * 1024)
+    assert main(_export_args(tiny["adapter"], tmp_path / "out")) == 0
+    assert not any(d.exists() for d in stale) and live.is_dir()
+
+
+def test_sigterm_unwinds_and_cleans_up(tmp_path, monkeypatch, capsys):
+    """SIGTERM in the middle of a command: the atomic write rolls back, exit 143, one line."""
+    from edgeqlora import cli
+    from edgeqlora.artifacts import atomic_dir
+    from edgeqlora.commands import export as export_command
+
+    out = tmp_path / "out"
+
+    def killed(args):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.gguf").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(export_command, "run", killed)
+    rc = cli.main(["export", "adapter", "--out", str(out)])
+    assert rc == 143 and "terminated" in _one_line(capsys)
+    assert not out.exists() and not _leftovers(tmp_path, "out")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("exc, code, word", [
+    (ValueError("boom"), 1, "--debug"),
+    (OSError(errno.ENOSPC, "No space left on device"), 2, "disk full"),
+    (PermissionError(errno.EACCES, "Permission denied", "/some/file"), 2, "/some/file"),
+])
+def test_unforeseen_errors_are_one_line(monkeypatch, capsys, exc, code, word):
+    from edgeqlora import cli
+    from edgeqlora.commands import export as export_command
+
+    def broken(args):
+        raise exc
+
+    monkeypatch.setattr(export_command, "run", broken)
+    assert cli.main(["export", "adapter", "--out", "x"]) == code
+    assert word in _one_line(capsys)
+    with pytest.raises(type(exc)):
+        cli.main(["--debug", "export", "adapter", "--out", "x"])
+
+
+# run, serve, parity, bundle, devices fit: consumers of an export
+
+
+@needs_llama_cpp
+def test_consumers_refuse_a_failed_export_unless_allowed(tiny, failed_export, tmp_path, capsys):
+    from edgeqlora.cli import main
+    from edgeqlora.errors import ManifestError
+    from edgeqlora.runtimes import load
+
+    cases = [["run", str(failed_export), "--prompt", "hi", "--max-new-tokens", "2"],
+             ["serve", str(failed_export), "--port", "0"],
+             ["devices", "fit", str(failed_export), "--device", "pi5"],
+             ["bundle", str(failed_export), "--device", "pi5", "--out",
+              str(tmp_path / "b.tar.gz")],
+             ["parity", "--reference", str(tiny["adapter"]), "--candidate", str(failed_export),
+              "--out", str(tmp_path / "parity")]]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = _one_line(capsys)
+        assert "verification failed" in err and "--allow-failed" in err, err
+    assert not (tmp_path / "b.tar.gz").exists() and not (tmp_path / "parity").exists()
+    with pytest.raises(ManifestError):
+        load(failed_export)
+    load(failed_export, allow_failed=True).close()
+    assert main(cases[0] + ["--allow-failed"]) == 0
+    assert main(cases[2] + ["--allow-failed"]) == 0
+    assert main(cases[3] + ["--allow-failed"]) == 0
+    capsys.readouterr()
+    from edgeqlora.devices.bundle import verify_bundle
+
+    assert verify_bundle(tmp_path / "b.tar.gz")["export_failures"]
+
+
+@needs_llama_cpp
+def test_run_threads_zero_is_refused(good_export, capsys):
+    from edgeqlora.cli import main
+
+    assert main(["run", str(good_export), "--prompt", "hi", "--threads", "0"]) == 2
+    assert "--threads" in _one_line(capsys)
+
+
+@needs_llama_cpp
+def test_devices_fit_refuses_truncated_models(good_export, tmp_path, capsys):
+    from edgeqlora.cli import main
+
+    gguf = next(good_export.glob("*.gguf"))
+    bare = tmp_path / "cut.gguf"
+    bare.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 3])
+    assert main(["devices", "fit", str(bare), "--device", "pi5"]) == 2
+    assert "truncated" in _one_line(capsys)
+    cut = tmp_path / "cut-export"
+    shutil.copytree(good_export, cut)
+    (cut / gguf.name).write_bytes(gguf.read_bytes()[:4096])
+    assert main(["devices", "fit", str(cut), "--device", "pi5"]) == 2
+    assert "does not match its manifest" in _one_line(capsys)
+
+
+# bundle and device profiles
+
+
+PROFILE = """name = "board"
+title = TITLE
+kind = KIND
+
+[memory]
+total_mb = 8192
+usable_mb = 7200
+bandwidth_gbs = 17.1
+
+[cpu]
+arch = "aarch64"
+cores = 4
+threads = 4
+features = ["neon"]
+
+[runtimes]
+available = ["gguf"]
+"""
+
+
+@pytest.mark.parametrize("title, kind, word", [
+    ('"Board\\ntouch /tmp/pwned"', '"sbc"', "title"),
+    ('"Board"', '["sbc"]', "kind"),
+])
+def test_hostile_profiles_are_one_line(tmp_path, capsys, title, kind, word):
+    from edgeqlora.cli import main
+
+    profile = tmp_path / "board.toml"
+    profile.write_text(PROFILE.replace("TITLE", title).replace("KIND", kind))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert main(["devices", "fit", str(gguf), "--device", str(profile)]) == 2
+    assert word in _one_line(capsys)
+
+
+def test_run_script_never_runs_profile_text_and_binds_loopback():
+    import dataclasses
+
+    from edgeqlora.devices.bundle import _run_script
+    from edgeqlora.devices.profiles import load_profile
+
+    profile = dataclasses.replace(load_profile("pi5"), title="Pi\ntouch /tmp/pwned\r$(id)")
+    script = _run_script(profile, 2048)
+    assert "\ntouch" not in script and "\r" not in script
+    comment = [line for line in script.splitlines() if "Pi" in line and "pwned" in line]
+    assert comment and all(line.startswith("#") for line in comment)
+    assert '"${HOST:-127.0.0.1}"' in script and "0.0.0.0}" not in script
+    check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert check.returncode == 0, check.stderr
+
+
+# serve
+
+
+class _SlowRuntime:
+    """A runtime stand-in: records the thread chat_ids runs in and streams pieces slowly."""
+
+    name, n_ctx = "slow", 512
+
+    def __init__(self):
+        import threading
+
+        self.path = Path("slow.gguf")
+        self.chat_thread = None
+        self.pieces = 0
+        self.stopped = threading.Event()
+
+    def chat_ids(self, messages, add_generation_prompt=True):
+        import threading
+
+        self.chat_thread = threading.current_thread()
+        return [1, 2, 3]
+
+    def tokenize(self, text, special=True):
+        return [1, 2]
+
+    def complete(self, *a, **k):
+        import time
+
+        try:
+            for _ in range(2000):
+                time.sleep(0.005)
+                self.pieces += 1
+                yield "x"
+        finally:
+            self.stopped.set()
+
+    def info(self):
+        return {}
+
+
+def _asgi_post(app, body: bytes, headers: dict[str, str], receive_after=None):
+    """One POST through the ASGI app with a hand-made receive: ``receive_after()`` is what
+    every receive after the body returns (default: wait forever)."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def go():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            if receive_after is not None:
+                return await receive_after()
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+                 "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                 "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 8080)}
+        await asyncio.wait_for(app(scope, receive, send), timeout=20)
+
+    asyncio.run(go())
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, body
+
+
+JSON = {"content-type": "application/json", "host": "127.0.0.1:8080"}
+CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.mark.parametrize("headers, status, word", [
+    ({"content-type": "text/plain", "host": "127.0.0.1:8080"}, 415, "Content-Type"),
+    ({"host": "127.0.0.1:8080"}, 415, "Content-Type"),
+    ({"content-type": "application/json", "host": "evil.example:8080"}, 421, "Host"),
+    ({"content-type": "application/json"}, 421, "Host"),
+])
+def test_serve_refuses_cross_site_and_rebinding_requests(headers, status, word):
+    from edgeqlora.runtimes.serve import create_app, default_allowed_hosts
+
+    app = create_app(_SlowRuntime(), "m", allowed_hosts=default_allowed_hosts("127.0.0.1"))
+    got, body = _asgi_post(app, CHAT, headers)
+    assert got == status and word in json.loads(body)["error"]["message"]
+
+
+def test_serve_host_check_accepts_this_server():
+    from edgeqlora.runtimes.serve import default_allowed_hosts, host_allowed
+
+    loop = default_allowed_hosts("127.0.0.1")
+    assert all(host_allowed(h, loop) for h in ("localhost:8080", "127.0.0.1", "[::1]:80",
+                                               "192.168.1.5:8080", "LOCALHOST"))
+    assert not any(host_allowed(h, loop) for h in ("evil.example", "", None, "pi.local"))
+    lan = default_allowed_hosts("0.0.0.0") | {"pi.local"}
+    assert host_allowed("pi.local:8080", lan) and not host_allowed("evil.example", lan)
+
+
+def test_serve_nested_json_is_a_400_and_prompt_work_runs_off_the_event_loop():
+    import threading
+
+    from edgeqlora.runtimes.serve import create_app
+
+    rt = _SlowRuntime()
+    app = create_app(rt, "m", max_body_bytes=1 << 20)
+    nested = b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, body = _asgi_post(app, nested, JSON)
+    assert status == 400 and "nested" in json.loads(body)["error"]["message"]
+    status, _ = _asgi_post(app, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                            "max_tokens": 3}).encode(), JSON)
+    assert status == 200
+    assert rt.chat_thread is not None and rt.chat_thread is not threading.main_thread()
+
+
+def test_serve_stalled_body_times_out(monkeypatch):
+    import edgeqlora.runtimes.serve as S
+
+    monkeypatch.setattr(S, "BODY_TIMEOUT_S", 0.3)
+    app = S.create_app(_SlowRuntime(), "m")
+
+    import asyncio
+
+    sent = []
+
+    async def go():
+        async def receive():  # headers came, the body never does
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+                 "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 8080)}
+        await asyncio.wait_for(app(scope, receive, send), timeout=10)
+
+    asyncio.run(go())
+    assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 408
+
+
+def test_serve_client_that_disconnects_stops_a_non_streaming_generation():
+    import asyncio
+
+    from edgeqlora.runtimes.serve import create_app
+
+    rt = _SlowRuntime()
+    app = create_app(rt, "m", max_tokens_limit=4096)
+
+    import time
+
+    start = time.monotonic()
+
+    async def disconnect_soon():  # as a server's receive: queued once the socket closed
+        if time.monotonic() - start > 0.3:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)
+
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2000}).encode()
+    try:
+        _asgi_post(app, body, JSON, receive_after=disconnect_soon)
+    except StopIteration:  # nothing sent to a client that is gone
+        pass
+    assert rt.stopped.wait(5) and rt.pieces < 1000
+    assert not app.state.edgeqlora.lock.locked()
