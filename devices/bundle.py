@@ -37,6 +37,7 @@ BUNDLE_KIND = "bundle"
 PROFILE_NAME = "device.toml"
 RUN_SCRIPT = "run.sh"
 EXPORT_DIR = "export"
+MAX_MANIFEST_BYTES = 4 << 20  # ~20k files' entries: read no more than that
 
 
 def _run_script(profile: DeviceProfile, context: int) -> str:
@@ -243,7 +244,10 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
                 rel = PurePosixPath(m.name).relative_to(top).as_posix()
                 f = tar.extractfile(m)
                 if rel == MANIFEST:
-                    manifest_raw = f.read()
+                    if m.size > MAX_MANIFEST_BYTES:
+                        raise InputError(f"{path}: {m.name} is {m.size} bytes; a bundle "
+                                         f"manifest is at most {MAX_MANIFEST_BYTES}")
+                    manifest_raw = f.read(MAX_MANIFEST_BYTES + 1)
                     continue
                 h = hashlib.sha256()
                 while block := f.read(1 << 20):
@@ -291,6 +295,9 @@ def _verify_dir(root: Path) -> dict[str, Any]:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise InputError(f"{root} has no {MANIFEST}; not an unpacked bundle")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise InputError(f"{mpath} is {mpath.stat().st_size} bytes; a bundle manifest is at "
+                         f"most {MAX_MANIFEST_BYTES}")
     manifest = _parse_manifest(mpath.read_bytes(), str(mpath))
     actual = {rel: meta["sha256"] for rel, meta in _file_table(root).items()}
     _compare(manifest, actual, str(root))
@@ -298,23 +305,46 @@ def _verify_dir(root: Path) -> dict[str, Any]:
 
 
 def unpack_bundle(path: str | Path, dest: str | Path) -> Path:
-    """Verify ``path`` and extract it under ``dest``; returns the bundle's folder."""
+    """Verify ``path`` and extract it under ``dest``; returns the bundle's folder. Atomic like
+    an export: extracted into a hidden sibling, verified again, then renamed into place, so a
+    full disk or a kill leaves no partial folder (and the next unpack removes a dead one's)."""
+    import errno
+    import shutil
+
+    from edgeqlora.artifacts import remove_stale_siblings, scratch_dir
+
     path, dest = Path(path), Path(dest)
     verify_bundle(path)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot unpack into {dest} ({exc.strerror or exc})") from None
     with _open(path) as tar:
         top = PurePosixPath(tar.getmembers()[0].name).parts[0]
-        if (dest / top).exists():
-            raise InputError(f"{dest / top} already exists; remove it or unpack elsewhere")
+        final = dest / top
+        if final.exists():
+            raise InputError(f"{final} already exists; remove it or unpack elsewhere")
+        remove_stale_siblings(final)
         try:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")
-            else:  # Python before 3.10.12 / 3.11.4: members were checked by verify_bundle
-                tar.extractall(dest)
-        except (tarfile.TarError, OSError) as exc:
-            raise InputError(f"cannot unpack {path} into {dest} ({exc})") from None
-    _verify_dir(dest / top)
-    return dest / top
+            stage = scratch_dir(final, "tmp")
+        except OSError as exc:
+            raise InputError(f"cannot unpack into {dest} ({exc.strerror or exc})") from None
+        try:
+            try:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(stage, filter="data")
+                else:  # Python before 3.10.12 / 3.11.4: members were checked by verify_bundle
+                    tar.extractall(stage)
+            except (tarfile.TarError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise InputError(f"disk full while unpacking {path} into {dest}; nothing "
+                                     "was kept: free space and unpack again") from None
+                raise InputError(f"cannot unpack {path} into {dest} ({exc})") from None
+            _verify_dir(stage / top)
+            os.replace(stage / top, final)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return final
 
 
 def describe(manifest: dict[str, Any]) -> str:

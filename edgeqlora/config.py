@@ -20,8 +20,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-QUANT_CHOICES = ("nf4", "fp4", "int8", "none", "gguf-q4_0", "gguf-q4_k_m", "gguf-q5_k_m",
-                 "gguf-q6_k", "gguf-q8_0")
+QUANT_CHOICES = ("nf4", "fp4", "int8", "none", "gguf-q4_0", "gguf-q4_1", "gguf-q4_k_m",
+                 "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0")
 TARGET_PRESETS = ("all-linear", "attention")
 MERGE_BASES = ("auto", "original", "dequantized", "best")
 
@@ -96,6 +96,9 @@ class Config:
     save_every: int = 50
     eval_every: int = 0
     eval_examples: int = 100
+    # Evaluate the untrained base before training (the "before" figure; minutes of greedy
+    # decoding of a rambling model on CPU).
+    eval_base: bool = True
     eval_batch_size: int = 16
     max_new_tokens: int = 64
     resume: bool = False

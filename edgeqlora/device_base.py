@@ -1,6 +1,6 @@
 """Device-aware bases: train the adapter on the exact quantized base the device will run.
 
-``quant=gguf-q4_k_m`` (and ``gguf-q4_0``, ``gguf-q5_k_m``, ``gguf-q6_k``, ``gguf-q8_0``) quantizes
+``quant=gguf-q4_k_m`` (and ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_k_m``, ``gguf-q6_k``, ``gguf-q8_0``) quantizes
 the base once with the GGUF exporter's own code (``exporters.gguf.tensor_bytes``: llama.cpp's
 per-tensor type choice and ``ggml_quantize_chunk``, the function the export writes the base GGUF
 with), and every weight of the training model (linear layers, embedding, output head) becomes
@@ -29,7 +29,8 @@ from typing import Any
 from .errors import ConfigError, ManifestError
 
 # quant= value -> (export target, the exporter's quant)
-DEVICE_QUANTS = {"gguf-q4_0": ("gguf", "q4_0"), "gguf-q4_k_m": ("gguf", "q4_k_m"),
+DEVICE_QUANTS = {"gguf-q4_0": ("gguf", "q4_0"), "gguf-q4_1": ("gguf", "q4_1"),
+                 "gguf-q4_k_m": ("gguf", "q4_k_m"),
                  "gguf-q5_k_m": ("gguf", "q5_k_m"), "gguf-q6_k": ("gguf", "q6_k"),
                  "gguf-q8_0": ("gguf", "q8_0")}
 

@@ -201,28 +201,46 @@ def normalize_row(obj: Any) -> tuple[dict[str, Any] | None, tuple[str, str] | No
     return row, None
 
 
+# A JSON Lines row longer than this is skipped unparsed: 1 MiB of text is ~250k tokens, past any
+# training length, and parsing and tokenizing a 20 MB line cost gigabytes of memory.
+MAX_LINE_BYTES = 1 << 20
+
+
 def _raw_rows_jsonl(path: Path, skips: _Skips) -> Iterator[tuple[str, Any]]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8 JSON Lines") from None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise DataError(f"{path} is not valid JSON ({exc})") from None
         for i, obj in enumerate(data):
             yield f"{path} row {i}", obj
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue  # blank lines separate nothing in JSON Lines; not a row
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            skips.add("invalid_json", f"{path} line {lineno}", str(exc))
-            continue
-        yield f"{path} line {lineno}", obj
+    # Streamed line by line: memory is one line, never the whole file.
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if len(raw) > MAX_LINE_BYTES:
+                skips.add("line_too_long", f"{path} line {lineno}",
+                          f"{len(raw)} bytes (the limit is {MAX_LINE_BYTES}; longer than any "
+                          "training row)")
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} is not UTF-8 text (line {lineno}: {exc}); save it as "
+                                "UTF-8 JSON Lines") from None
+            if not line.strip():
+                continue  # blank lines separate nothing in JSON Lines; not a row
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                skips.add("invalid_json", f"{path} line {lineno}",
+                          str(exc) if not isinstance(exc, RecursionError) else "nested too deep")
+                continue
+            yield f"{path} line {lineno}", obj
 
 
 def _raw_rows_disk(path: Path) -> Iterator[tuple[str, Any]]:

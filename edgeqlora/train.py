@@ -127,7 +127,8 @@ def train(cfg: Config, out: Path) -> Path:
         weight_cache.enter_context(qlora.dequantized_weights(model))
     evaluate = Evaluator(model, tokenizer, eval_rows, eval_tok, cfg, ddp)
     history: dict[str, Any] = {}
-    history["before"] = evaluate(0, metrics) if state["step"] == 0 else metrics.first_eval
+    history["before"] = (evaluate(0, metrics) if cfg.eval_base else {}) \
+        if state["step"] == 0 else metrics.first_eval
     last_saved = state["step"] if resume_from is not None else None
     per_rank = cfg.batch_size // ddp.world
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \

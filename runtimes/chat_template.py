@@ -19,12 +19,21 @@ device side may not import transformers:
 
 ``tests/test_chat_template.py`` checks the rendered strings and token ids against
 ``tokenizer.apply_chat_template`` on many conversations.
+
+A template is a program from the export's files, so rendering has a budget (beyond
+transformers): ``RENDER_SECONDS`` of wall time, checked on every line of template code that runs
+(a loop that never ends, or nested ``range`` loops, is stopped), ``RENDER_CHARS`` of output, and
+``*`` / ``**`` that would build a string, list or number beyond that size are refused before
+they allocate. Each is an InputError naming the template.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
+import time
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
@@ -35,6 +44,12 @@ from edgeqlora.errors import InputError
 # The named special tokens transformers puts into ``special_tokens_map`` (SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                        "cls_token", "mask_token")
+RENDER_SECONDS = 2.0  # a real template renders in milliseconds
+RENDER_CHARS = 4 << 20  # far beyond any context window
+
+
+class _OverBudget(Exception):
+    """Raised inside a render that ran past its budget."""
 
 
 def _environment():
@@ -96,8 +111,26 @@ def _environment():
                     f"chat templates cannot store underscore-prefixed attributes on a "
                     f"namespace, got {name!r}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    class BudgetedEnvironment(ImmutableSandboxedEnvironment):
+        # Products that would allocate past the output budget are refused before they run.
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            def size(x):
+                return len(x) if isinstance(x, (str, bytes, list, tuple)) else None
+
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if size(seq) is not None and isinstance(n, int) \
+                            and size(seq) * max(n, 0) > RENDER_CHARS:
+                        raise _OverBudget(f"a product of {size(seq)} x {n} items")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right > 64:
+                raise _OverBudget(f"{left} ** {right}")
+            return super().call_binop(context, operator, left, right)
+
+    env = BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                              extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -182,12 +215,54 @@ class ChatTemplate:
         chat = _plain(check_messages(list(messages) if not isinstance(messages, list)
                                      else messages))
         variables = {**self.special_tokens, **_plain(kwargs)}
+        pieces, size = [], 0
         try:
-            return self._template.render(messages=chat, tools=_plain(tools),
-                                         documents=_plain(documents),
-                                         add_generation_prompt=add_generation_prompt,
-                                         **variables)
+            with _time_budget(RENDER_SECONDS):
+                # generate() yields what render() joins: the output is counted as it grows.
+                for piece in self._template.generate(
+                        messages=chat, tools=_plain(tools), documents=_plain(documents),
+                        add_generation_prompt=add_generation_prompt, **variables):
+                    size += len(piece)
+                    if size > RENDER_CHARS:
+                        raise _OverBudget(f"more than {RENDER_CHARS} characters of output")
+                    pieces.append(piece)
+        except _OverBudget as exc:
+            raise InputError(f"{self.origin} ran past its rendering budget ({exc}; the limits "
+                             f"are {RENDER_SECONDS:g} s and {RENDER_CHARS} characters): the "
+                             "template loops without end or builds huge strings, so it is "
+                             "not used") from None
         except jinja2.TemplateError as exc:
             # raise_exception() in a template is how models reject a conversation shape
             # (e.g. roles not alternating); it is the user's input that is wrong.
             raise InputError(f"{self.origin} rejected the conversation: {exc}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError,
+                ZeroDivisionError, OverflowError, RecursionError) as exc:
+            # A template that fails at run time on this conversation (a bad filter argument,
+            # 1/0): one line naming it, never a traceback.
+            raise InputError(f"{self.origin} failed on this conversation "
+                             f"({type(exc).__name__}: {exc})") from None
+        return "".join(pieces)
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float):
+    """Stop template code that runs past ``seconds``: a trace function on this thread checks
+    the clock on every line executed in compiled template code (file name ``<template>``) and
+    nowhere else, so a normal render costs a few hundred checks. Hand-written because Jinja
+    has no execution limit; the previous trace function (a debugger, coverage) is restored."""
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame, event, arg):
+        if event == "line" and time.monotonic() > deadline:
+            raise _OverBudget(f"more than {seconds:g} s")
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)

@@ -316,3 +316,34 @@ def test_fit_counts_the_adapter_of_an_adapter_only_export(tmp_path):
     assert facts.file_bytes == 2 * base.file_bytes
     assert len(facts.tensors) == 2 * len(base.tensors)
     assert facts.kv_values_per_token == base.kv_values_per_token == 2 * 2 * (16 + 16)
+
+
+def test_unpack_onto_a_full_disk_leaves_nothing_and_the_next_unpack_works(bundle, tmp_path,
+                                                                         monkeypatch):
+    """Extraction is staged in a hidden sibling: a full disk halfway leaves no partial folder
+    (which would make the next unpack refuse with "already exists")."""
+    import errno
+
+    real = tarfile.TarFile.extractall
+
+    def full(self, path, *a, **k):
+        (Path(path) / "half-written").write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    dest = tmp_path / "dest"
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(InputError, match="disk full"):
+        unpack_bundle(bundle, dest)
+    assert [p.name for p in dest.iterdir()] == []
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real)
+    folder = unpack_bundle(bundle, dest)
+    assert verify_bundle(folder)["device"] == "pi5" and os.access(folder / "run.sh", os.X_OK)
+    assert [p.name for p in dest.iterdir()] == [folder.name]
+
+
+def test_oversized_manifest_is_refused_before_it_is_read(bundle, tmp_path, monkeypatch):
+    import edgeqlora.devices.bundle as B
+
+    monkeypatch.setattr(B, "MAX_MANIFEST_BYTES", 64)
+    with pytest.raises(InputError, match="a bundle manifest is at most 64"):
+        verify_bundle(bundle)

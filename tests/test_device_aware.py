@@ -46,7 +46,8 @@ def test_device_quants_are_the_config_choices():
     assert set(DEVICE_QUANTS) == {q for q in QUANT_CHOICES if q.startswith("gguf-")}
 
 
-@pytest.mark.parametrize("quant", ["gguf-q4_k_m", "gguf-q4_0", "gguf-q8_0", "gguf-q6_k"])
+@pytest.mark.parametrize("quant", ["gguf-q4_k_m", "gguf-q4_0", "gguf-q4_1", "gguf-q8_0",
+                                   "gguf-q6_k"])
 def test_training_weights_are_what_llama_cpp_loads(trained, tmp_path, quant):
     """Every weight of the device base equals gguf.quants' dequantization (bit-exact with
     ggml's to-float) of the tensor in the GGUF the exporter writes, un-permuted; the recorded
@@ -267,3 +268,20 @@ def test_device_choice_is_the_trained_base(trained, tmp_path):
                                           r"trained on\) does not fit.*quant=gguf-q4_0"):
         export_adapter(trained["adapter"], tmp_path / "tiny", device=str(board(8)))
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.slow
+def test_gguf_q4_1_base_of_the_embedded_model_is_the_distributed_file(embedded_dir):
+    """The embedded SmolLM2 ships as a Q4_1 GGUF and is converted to fp32 from it; quantizing
+    that checkpoint again for ``quant=gguf-q4_1`` gives back the distributed file's bytes, so
+    a device-aware adapter on it trains on exactly the file the package ships."""
+    from edgeqlora.base import embedded_gguf_path
+    from edgeqlora.device_base import device_state
+    from edgeqlora.exporters.gguf import tensor_digests
+
+    _, record = device_state(embedded_dir, "gguf-q4_1")
+    shipped = tensor_digests(embedded_gguf_path())
+    ours = {t["gguf"]: t["sha256"] for t in record["tensors"].values()}
+    assert ours and set(ours) <= set(shipped)
+    differ = sorted(n for n in ours if ours[n] != shipped[n])
+    assert not differ, f"{len(differ)} of {len(ours)} tensors differ, e.g. {differ[:3]}"

@@ -202,7 +202,7 @@ def test_modelfile_renders_as_transformers(tiny, tmp_path):
                                                                        tok.eos_token])]
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0", "q4_1"])
 def test_streamed_row_chunks_write_the_same_bytes(tiny, tmp_path, quant):
     """The writer streams each tensor in chunks of rows (bounded memory); any chunk size gives
     the bytes of converting the tensor whole (ggml types quantize row by row)."""

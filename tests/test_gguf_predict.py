@@ -65,7 +65,7 @@ def wide(tmp_path_factory, tokenizer_dir):
                             intermediate=512, layers=3, heads=4, kv_heads=1, tie=False)
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0", "q4_0",
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1",
                                    pytest.param("q4_k_m", marks=needs_llama_cpp),
                                    pytest.param("q5_k_m", marks=needs_llama_cpp),
                                    pytest.param("q6_k", marks=needs_llama_cpp),

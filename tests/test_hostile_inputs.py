@@ -535,3 +535,83 @@ def test_serve_client_that_disconnects_stops_a_non_streaming_generation():
         pass
     assert rt.stopped.wait(5) and rt.pieces < 1000
     assert not app.state.edgeqlora.lock.locked()
+
+
+# run and serve: hostile chat templates (the template is a program from the export's files)
+
+
+@pytest.mark.parametrize("source, word", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "s;"),  # never ends: stopped by the clock
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+     "characters of output"),
+    ("{{ 'a' * 100000000 }}", "product"),
+    ("{{ [1] * 100000000 }}", "product"),
+    ("{{ 7 ** 100000000 }}", "**"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+])
+def test_hostile_chat_templates_are_stopped_with_one_line(monkeypatch, source, word):
+    import time
+
+    from edgeqlora.errors import InputError
+    from edgeqlora.runtimes import chat_template as C
+
+    monkeypatch.setattr(C, "RENDER_SECONDS", 0.5)
+    monkeypatch.setattr(C, "RENDER_CHARS", 10_000)
+    start = time.monotonic()
+    with pytest.raises(InputError) as info:
+        C.ChatTemplate(source, origin="x/chat_template.jinja").render(
+            [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "x/chat_template.jinja" in message and word in message and "\n" not in message
+    # The budget leaves nothing behind: a normal template still renders, tracing is off.
+    assert C.ChatTemplate("{{ messages[0].content }}").render(
+        [{"role": "user", "content": "ok"}]) == "ok"
+    assert sys.gettrace() is None or "coverage" in type(sys.gettrace()).__module__
+
+
+def test_serve_answers_a_hostile_template_with_a_400_and_keeps_serving(monkeypatch):
+    from edgeqlora.runtimes import chat_template as C
+    from edgeqlora.runtimes.serve import create_app
+
+    monkeypatch.setattr(C, "RENDER_SECONDS", 0.3)
+    hostile = C.ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}"
+                             "{% endfor %}{% endfor %}", origin="hostile template")
+
+    class Templated(_SlowRuntime):
+        def chat_ids(self, messages, add_generation_prompt=True):
+            hostile.render(messages)
+            return [1]
+
+    app = create_app(Templated(), "m")
+    status, body = _asgi_post(app, CHAT, JSON)
+    assert status == 400 and "rendering budget" in json.loads(body)["error"]["message"]
+
+
+# train: datasets
+
+
+def test_huge_and_deeply_nested_dataset_lines_are_skipped_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    from edgeqlora.data import load_dataset
+
+    good = {"messages": [{"role": "user", "content": "turn on the light"},
+                         {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "data.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps(good) + "\n")
+        f.write(json.dumps({"text": "x" * (20 << 20)}) + "\n")  # a 20 MB line
+        f.write('{"text": ' + "[" * 100000 + "]" * 100000 + "}\n")  # nested too deep
+        f.write(json.dumps(good) + "\n")
+    tracemalloc.start()
+    try:
+        data = load_dataset(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data.rows) == 2
+    assert data.skipped.get("line_too_long") == 1 and data.skipped.get("invalid_json") == 1
+    assert "line 2" in data.skip_examples["line_too_long"]
+    assert peak < 80 << 20, f"peak {peak / 2**20:.0f} MiB for a 20 MiB line"

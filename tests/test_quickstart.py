@@ -79,3 +79,32 @@ def test_cpu_sizing_yields_to_overrides():
     assert cfg.max_steps == 7
     full = quickstart_config(None, [], full=True)
     assert full.max_steps == 200  # the recipe as written
+
+
+def test_quickstart_device_aware_variant(tiny_model_dir, tmp_path):
+    """``--device-aware``: a second run on the gguf-q4_k_m base, exported unmerged (its base
+    GGUF + the LoRA GGUF), gated against its own trained model, in the summary beside the NF4
+    run's merged exports."""
+    from edgeqlora.quickstart import DEVICE_AWARE, quickstart
+
+    out = tmp_path / "qs"
+    overrides = [f"base={tiny_model_dir}", "max_steps=2", "batch_size=4", "eval_examples=3",
+                 "max_new_tokens=6", "quant_report_tokens=0", "export.eval_tokens=48",
+                 "parity.eval_examples=2", "parity.text_tokens=32", "save_every=0"]
+    summary = quickstart(out, overrides=overrides, device_aware=True)
+    quant, name = DEVICE_AWARE
+    row = next(e for e in summary["exports"] if e["name"] == name)
+    assert row["device_aware"] is True and "error" not in row, row
+    manifest = json.loads((out / "exports" / name / "manifest.json").read_text())
+    assert manifest["device_aware"] is True and manifest["adapter_only"] is True
+    assert manifest["exporter"]["adapter_file"].startswith("adapter.")
+    assert manifest["source"]["quant"]["quant"] == quant
+    for key in ("exact_match", "kld", "top1", "identical_answers", "decode_tokens_per_s"):
+        assert row.get(key) is not None, key
+    device = summary["device_aware"]
+    assert device["quant"] == quant and device["trained_exact_match"] is not None
+    run = json.loads((out / "device-aware" / "adapter" / "manifest.json").read_text())
+    assert run["quant"]["quant"] == quant and "eval_before" not in run["metrics"]
+    assert (out / "device-aware" / "parity" / "parity.json").is_file()
+    others = [e for e in summary["exports"] if e["name"] != name]
+    assert others and all(e.get("device_aware") is False for e in others if "error" not in e)

@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quant", default=None,
                    help="quant type (default: export.quant for gguf, q4_k_m; int4-gptq for "
                         "onnx; with --device: chosen for the device); gguf: f32 f16 bf16 q8_0 "
-                        "q4_0 q4_k_m q5_k_m q6_k q3_k_m; onnx: int4-gptq int4-gptq-q8head "
+                        "q4_0 q4_1 q4_k_m q5_k_m q6_k q3_k_m; onnx: int4-gptq int4-gptq-q8head "
                         "int4-hqq int4-hqq-q8head int4-q8head int4 int4-kquant "
                         "int4-kquant-last int8 fp16 fp32 nf4-exact")
     p.add_argument("--device", default=None,

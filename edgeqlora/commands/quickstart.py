@@ -17,6 +17,10 @@ def add_arguments(p) -> None:
                    help="the full-size run even on CPU (default: sized to the machine)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted quickstart in --out from its last checkpoint")
+    p.add_argument("--device-aware", action="store_true",
+                   help="also train on the exact Q4_K_M base the device runs and ship that "
+                        "base + the LoRA unmerged, beside the merged re-quantized exports "
+                        "(a second training run)")
 
 
 def run(args) -> int:
@@ -24,5 +28,5 @@ def run(args) -> int:
 
     recipe, overrides = split_recipe(args.recipe_and_overrides)
     quickstart(Path(args.out), recipe=recipe, overrides=overrides, force=args.force,
-               full=args.full, resume=args.resume)
+               full=args.full, resume=args.resume, device_aware=args.device_aware)
     return 0

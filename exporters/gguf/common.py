@@ -13,7 +13,7 @@ from pathlib import Path
 from edgeqlora.errors import ConfigError, ExportError, MissingDependencyError
 
 # Written tensor by tensor with gguf's numpy quantizers; no llama.cpp needed.
-DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 # llama.cpp's K-quant mixes: name -> llama_cpp ftype constant (its type choice and kernels).
 K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
             "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M"}

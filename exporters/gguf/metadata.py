@@ -79,7 +79,7 @@ def file_type(quant: str) -> int:
 
     F = gguf.LlamaFileType
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0, "q4_k_m": F.MOSTLY_Q4_K_M, "q5_k_m": F.MOSTLY_Q5_K_M,
+            "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q4_k_m": F.MOSTLY_Q4_K_M, "q5_k_m": F.MOSTLY_Q5_K_M,
             "q6_k": F.MOSTLY_Q6_K, "q3_k_m": F.MOSTLY_Q3_K_M}[quant]
 
 

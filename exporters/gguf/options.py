@@ -28,6 +28,7 @@ VERIFY_THRESHOLDS = {
     "q5_k_m": {"min_top1": 0.85, "max_kld": 0.12},
     "q4_k_m": {"min_top1": 0.75, "max_kld": 0.25},
     "q4_0": {"min_top1": 0.55, "max_kld": 0.6},
+    "q4_1": {"min_top1": 0.6, "max_kld": 0.5},  # a little finer than Q4_0 (a min per block)
     "q3_k_m": {"min_top1": 0.55, "max_kld": 0.6},
 }
 

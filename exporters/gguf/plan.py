@@ -2,7 +2,7 @@
 One function (``tensor_plan``) serves the writer and the size prediction, so a prediction is
 the file the writer would write.
 
-Direct types (F32/F16/BF16/Q8_0/Q4_0) follow ``convert_hf_to_gguf.py``: norms and 1-D tensors
+Direct types (F32/F16/BF16/Q8_0/Q4_0/Q4_1) follow ``convert_hf_to_gguf.py``: norms and 1-D tensors
 F32, rows that do not divide into the type's blocks F16, tied embeddings without
 ``output.weight`` (llama.cpp reuses ``token_embd``), in the checkpoint's tensor order.
 
@@ -53,7 +53,8 @@ def _direct_qtype(quant: str):
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0,
+            "q4_1": Q.Q4_1}[quant]
 
 
 def _choose_type(gguf_name: str, shape: list[int], quant: str, tied: bool):
@@ -66,10 +67,11 @@ def _choose_type(gguf_name: str, shape: list[int], quant: str, tied: bool):
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
         return Q.F32
     qtype = _direct_qtype(quant)
-    if quant == "q4_0" and (gguf_name == "output.weight" or
-                            (tied and gguf_name == "token_embd.weight")):
+    if quant in ("q4_0", "q4_1") and (gguf_name == "output.weight" or
+                                      (tied and gguf_name == "token_embd.weight")):
         # The output projection is the most quantization-sensitive tensor; llama.cpp's own Q4_0
-        # recipe keeps it at Q6_K. Q6_K has no numpy quantizer in gguf, so Q8_0 here.
+        # recipe keeps it at Q6_K. Q6_K has no numpy quantizer in gguf, so Q8_0 here (the
+        # embedded SmolLM2 Q4_1 file has its tied embedding at Q8_0 too).
         qtype = Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block != 0:
