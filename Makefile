@@ -11,7 +11,7 @@ STAMP := $(VENV)/.edgeqlora-installed
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-arm64 clean
+.PHONY: setup demo test test-fast test-gpu test-arm64 clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not gpu and not slow and not arm64" -n 2 \
 		--dist worksteal $(PYTEST_ARGS)
+
+# A machine with a GPU: the CUDA-only tests (bf16, paged 8-bit AdamW, the 4-bit CUDA kernels, the
+# packed device-aware layers, NCCL on two GPUs; tests/test_gpu.py and the other `gpu` tests), then
+# the trainer against the HF baseline and the device-aware base on the GPU. Without CUDA the tests
+# skip and the benchmark measures the CPU.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu -rs $(PYTEST_ARGS)
+	$(PY) bench/train_throughput.py --steps 20 --device-quant gguf-q4_k_m \
+		--out bench/results/train_throughput_gpu.json
 
 # arm64 vs x86 on the same exports: a Debian bookworm arm64 userland under qemu (a Pi 5's
 # Cortex-A76), cached in $EDGEQLORA_HOME/arm64 on first use (a second run only checks it). Needs

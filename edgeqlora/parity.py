@@ -298,13 +298,21 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def base_label(manifest: Mapping[str, Any]) -> str:
+    """The quantized base an adapter was trained on, as a reader names it: NF4, FP4, INT8, the
+    16/32-bit base for quant=none, or the device base (GGUF-Q4_K_M ...)."""
+    quant = str((manifest.get("quant") or {}).get("quant") or "nf4")
+    return "16/32-bit" if quant == "none" else quant.upper()
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     th = report["thresholds"]
     ref = report["reference"]["task"]
     lines = [
         "# Parity report",
         "",
-        f"Reference: `{report['settings']['reference']}` (trained NF4 base + adapter, torch). "
+        f"Reference: `{report['settings']['reference']}` (trained "
+        f"{report['settings'].get('reference_base', 'NF4')} base + adapter, torch). "
         f"Task: {ref['examples']} held-out examples from `{ref['source']}`; text: "
         f"{report['settings']['text_tokens']} tokens of `edgeqlora/assets/english.txt`. Machine: "
         f"{report['machine']['platform']}, {report['machine']['cpu_count']} CPUs.",
@@ -426,8 +434,9 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
             kwargs: dict[str, Any] = {}
             if n_threads:
                 kwargs["n_threads"] = n_threads
-            loaded[name] = runtimes.load(path, allow_failed=allow_failed, **kwargs)
-        say("loading the trained reference (NF4 base + adapter)")
+            # Every file against its manifest's sha256: the gate measures the bytes that ship.
+            loaded[name] = runtimes.load(path, verify=True, allow_failed=allow_failed, **kwargs)
+        say(f"loading the trained reference ({base_label(manifest)} base + adapter)")
         ref = reference_model if reference_model is not None else TorchReference(reference)
         text_seqs = english_sequences(ref.tokenize, text_tokens) if text_tokens else []
         start = time.perf_counter()
@@ -438,7 +447,7 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
     report["thresholds"] = thresholds
     report["failures"] = gate(report, thresholds)
     report["passed"] = not any(report["failures"].values())
-    report["settings"] = {"reference": str(reference),
+    report["settings"] = {"reference": str(reference), "reference_base": base_label(manifest),
                           "candidates": {n: str(p) for n, p in
                                          zip(report["candidates"], cand_paths)},
                           "examples": len(task.conversations), "text_tokens":

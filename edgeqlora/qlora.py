@@ -344,14 +344,15 @@ def load_trained(adapter_dir, device=None):
     """The trained model exactly as trained: the quantized base named in ``adapter_dir``'s
     manifest (checked by weight hash) + the PEFT adapter, in eval mode, safe for forward passes
     (guarded against the CPU repack trap)."""
+    import warnings
+
     from peft import PeftModel
 
-    from .artifacts import read_verified_manifest
+    from .artifacts import check_lora_config, read_json, read_verified_manifest
     from .base import base_fingerprint, resolve_base
 
     adapter_dir = Path(adapter_dir)
     manifest = read_verified_manifest(adapter_dir, "adapter", "adapter")
-    from .artifacts import check_lora_config, read_json
 
     config = adapter_dir / "adapter_config.json"
     if config.is_file():
@@ -385,7 +386,10 @@ def load_trained(adapter_dir, device=None):
         from .ggml_torch import register_lora
 
         kwargs["config"] = register_lora(LoraConfig.from_pretrained(adapter_dir))
-    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, **kwargs)
+    with warnings.catch_warnings():
+        # As in attach_lora: peft's own call of a property transformers 5 renamed.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, **kwargs)
     guard_cpu_4bit(model)
     model.eval()
     return model

@@ -287,6 +287,24 @@ def test_consumers_refuse_a_failed_export_unless_allowed(tiny, failed_export, tm
 
 
 @needs_llama_cpp
+def test_run_and_serve_check_every_file_against_its_sha256(good_export, tmp_path, capsys):
+    from edgeqlora.cli import main
+
+    changed = tmp_path / "changed"
+    shutil.copytree(good_export, changed)
+    gguf = next(changed.glob("*.gguf"))
+    data = bytearray(gguf.read_bytes())
+    data[-10] ^= 0xFF  # same size, one byte of tensor data flipped
+    gguf.write_bytes(bytes(data))
+    for argv in (["run", str(changed), "--prompt", "hi", "--max-new-tokens", "2"],
+                 ["serve", str(changed), "--port", "0"]):
+        assert main(argv) == 2
+        assert "sha256 differs" in _one_line(capsys)
+    assert main(["run", str(changed), "--prompt", "hi", "--max-new-tokens", "2",
+                 "--no-verify"]) == 0
+
+
+@needs_llama_cpp
 def test_run_threads_zero_is_refused(good_export, capsys):
     from edgeqlora.cli import main
 
@@ -615,3 +633,22 @@ def test_huge_and_deeply_nested_dataset_lines_are_skipped_in_bounded_memory(tmp_
     assert data.skipped.get("line_too_long") == 1 and data.skipped.get("invalid_json") == 1
     assert "line 2" in data.skip_examples["line_too_long"]
     assert peak < 80 << 20, f"peak {peak / 2**20:.0f} MiB for a 20 MiB line"
+
+
+# stray output
+
+
+def test_importing_onnxruntimes_quantizer_leaves_logging_alone(monkeypatch):
+    """matmul_nbits_quantizer calls logging.basicConfig(level=INFO) at import; through
+    ``quantizer_module`` the root logger stays as it was (no library INFO lines on stderr)."""
+    import logging
+
+    pytest.importorskip("onnxruntime")
+    from edgeqlora.exporters.onnx.graph import quantizer_module
+
+    name = "onnxruntime.quantization.matmul_nbits_quantizer"
+    monkeypatch.delitem(sys.modules, name, raising=False)  # imported afresh, side effect and all
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    assert quantizer_module().MatMulNBitsQuantizer
+    assert (list(root.handlers), root.level) == before

@@ -42,6 +42,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "LoRA inputs")
     p.add_argument("--lora-scale", type=float, default=None,
                    help="GGUF only: the adapter's strength (default 1.0)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking every file of the export against the sha256 its "
+                        "manifest records (sizes are still checked)")
     add_allow_failed(p)
 
 
@@ -68,4 +71,5 @@ def load_runtime(args):
         kwargs["lora_path"] = args.lora
     if args.lora_scale is not None:
         kwargs["lora_scale"] = args.lora_scale
-    return load(args.export, allow_failed=args.allow_failed, **kwargs)
+    return load(args.export, verify=not args.no_verify, allow_failed=args.allow_failed,
+                **kwargs)

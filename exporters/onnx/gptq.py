@@ -39,7 +39,7 @@ from typing import Any
 
 from edgeqlora.errors import ConfigError, InputError
 
-from .graph import add_ms_domain, weight_matmuls
+from .graph import add_ms_domain, quantizer_module, weight_matmuls
 
 # GPTQ's own settings: the library defaults (damping 1 % of the mean Hessian diagonal, 128-column
 # lazy-update blocks), no activation reordering (reordering would permute the quantization
@@ -216,8 +216,9 @@ def apply_gptq(model, sequences: list[list[int]], bits: int, block_size: int,
 def apply_hqq(model, bits: int, block_size: int):
     """HQQ (onnxruntime's ``HQQWeightOnlyQuantizer``, torch on CPU) on every weight MatMul still
     in ``model``; returns the new model."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig,
-                                                                  MatMulNBitsQuantizer)
+    nbits = quantizer_module()
+    HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer = (nbits.HQQWeightOnlyQuantConfig,
+                                                      nbits.MatMulNBitsQuantizer)
 
     q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(
         block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",)))

@@ -15,6 +15,7 @@ the tied ``lm_head`` as its own pre-transposed weight, so it is quantized like a
 from __future__ import annotations
 
 import collections
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,21 @@ def step(what: str, enabled: bool) -> None:
         from rich.console import Console
 
         Console(stderr=True).print(f"[dim]{what}...[/dim]")
+
+
+def quantizer_module():
+    """onnxruntime's ``matmul_nbits_quantizer``, imported without its side effect: the module
+    calls ``logging.basicConfig(level=INFO)`` at import, which turns on every library's INFO
+    lines on stderr for the rest of the process (gguf's "This GGUF file is for Little Endian
+    only" in a quickstart's later stages). The root logger is put back as it was."""
+    import importlib
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return importlib.import_module("onnxruntime.quantization.matmul_nbits_quantizer")
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)

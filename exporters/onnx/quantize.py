@@ -22,7 +22,8 @@ from typing import Any
 
 from edgeqlora.errors import ConfigError
 
-from .graph import add_ms_domain, embedding_gathers, initializers, weight_matmuls
+from .graph import (add_ms_domain, embedding_gathers, initializers, quantizer_module,
+                    weight_matmuls)
 
 
 def store_fp16(model, nodes, input_index: int) -> int:
@@ -134,8 +135,10 @@ def quantize(model, recipe: dict[str, Any], options: dict[str, Any],
              calibration: list[list[int]] | None = None, progress: bool = False):
     """Apply ``recipe`` to the fp32 ``model`` (an onnx.ModelProto); returns the new model.
     ``calibration``: token id sequences for the recipes that read data (GPTQ)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig, KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+    nbits = quantizer_module()
+    DefaultWeightOnlyQuantConfig = nbits.DefaultWeightOnlyQuantConfig
+    KQuantWeightOnlyQuantConfig = nbits.KQuantWeightOnlyQuantConfig
+    MatMulNBitsQuantizer = nbits.MatMulNBitsQuantizer
 
     bits = recipe["bits"]
     if bits == 32:
