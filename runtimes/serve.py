@@ -43,6 +43,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_TOKENS = 256
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
+DEFAULT_REQUEST_TIMEOUT_S = 600.0  # queueing + generation of one request (a Pi: ~200 s for 1k)
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
 
 
@@ -73,6 +74,10 @@ def host_allowed(header: str | None, allowed: frozenset[str] | None) -> bool:
         return True
     except ValueError:
         return name.rstrip(".") in allowed
+
+
+class GenerationTimeout(Exception):
+    """A request's generation ran past the server's per-request budget."""
 
 
 class RequestError(Exception):
@@ -108,8 +113,9 @@ class ServerState:
     """The runtime, its lock and the limits, shared by all requests."""
 
     def __init__(self, runtime: Runtime, model_id: str, max_body_bytes: int,
-                 max_tokens_limit: int):
+                 max_tokens_limit: int, request_timeout_s: float | None = None):
         self.runtime = runtime
+        self.request_timeout_s = request_timeout_s
         self.model_id = model_id
         self.max_body_bytes = max_body_bytes
         self.max_tokens_limit = max_tokens_limit
@@ -176,18 +182,29 @@ class ServerState:
                     post(("error", exc))
 
         loop.run_in_executor(None, work)
+        budget = self.request_timeout_s
+        deadline = None if budget is None else loop.time() + budget
         try:
             while True:
-                if gone is None:
+                wait = 0.25 if gone is not None else None
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        # The worker stops at its next token (or before it takes the lock).
+                        raise GenerationTimeout(
+                            f"the request ran past this server's budget of {budget:g} s "
+                            "(queueing and generation; edgeqlora serve --request-timeout)")
+                    wait = left if wait is None else min(wait, left)
+                if wait is None:
                     kind, value = await queue.get()
                 else:
                     try:
-                        kind, value = await asyncio.wait_for(queue.get(), timeout=0.25)
+                        kind, value = await asyncio.wait_for(queue.get(), timeout=wait)
                     except asyncio.TimeoutError:
-                        if await gone():
+                        if gone is not None and await gone():
                             return
                         continue
-                    if await gone():
+                    if gone is not None and await gone():
                         return
                 if kind == "piece":
                     yield value
@@ -235,10 +252,13 @@ def _check_room(state: ServerState, ids: list[int]) -> None:
 def create_app(runtime: Runtime, model_id: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-               allowed_hosts: frozenset[str] | None = None):
+               allowed_hosts: frozenset[str] | None = None,
+               request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S):
     """The ASGI app serving ``runtime``. Needs ``pip install 'edgeqlora[serve]'``.
     ``allowed_hosts`` (``default_allowed_hosts``; ``serve`` passes it) checks every request's
-    ``Host``; None does not (an app mounted behind a proxy that checks)."""
+    ``Host``; None does not (an app mounted behind a proxy that checks). A request still
+    generating ``request_timeout_s`` after it arrived is answered 504 (in-band when streaming)
+    and its generation stopped."""
     require("starlette", "serve", "edgeqlora serve")
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect, Request
@@ -249,8 +269,10 @@ def create_app(runtime: Runtime, model_id: str | None = None,
         raise InputError(f"max_body_bytes={max_body_bytes} is too small (>= 1024)")
     if max_tokens_limit < 1:
         raise InputError(f"max_tokens_limit={max_tokens_limit} must be >= 1")
+    if request_timeout_s is not None and not request_timeout_s > 0:
+        raise InputError(f"request timeout {request_timeout_s!r} s must be a positive number")
     state = ServerState(runtime, model_id or runtime.path.stem, max_body_bytes,
-                        max_tokens_limit)
+                        max_tokens_limit, request_timeout_s)
 
     def error(exc: RequestError) -> JSONResponse:
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
@@ -297,6 +319,8 @@ def create_app(runtime: Runtime, model_id: str | None = None,
                 return await handler(request)
             except RequestError as exc:
                 return error(exc)
+            except GenerationTimeout as exc:
+                return error(RequestError(str(exc), status=504))
             except EdgeQloraError as exc:
                 return error(RequestError(str(exc), status=400))
             except Exception:  # never take the server down; the traceback goes to the log
@@ -360,9 +384,10 @@ def create_app(runtime: Runtime, model_id: str | None = None,
                     yield sse({"id": rid, "object": chunk_obj, "created": created,
                                "model": state.model_id, "choices": [], "usage": usage()})
             except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-                message = str(exc) if isinstance(exc, EdgeQloraError) else \
+                known = isinstance(exc, (EdgeQloraError, GenerationTimeout))
+                message = str(exc) if known else \
                     "internal error while generating; see the server log"
-                if not isinstance(exc, EdgeQloraError):
+                if not known:
                     log.exception("streaming request failed")
                 yield sse(_error_body(message, "server_error"))
             yield "data: [DONE]\n\n"
@@ -422,13 +447,15 @@ def _html_escape(text: str) -> str:
 def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 8080,
           model_id: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info",
-          extra_hosts: tuple[str, ...] = (), on_ready=None) -> None:
+          extra_hosts: tuple[str, ...] = (), on_ready=None,
+          request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S) -> None:
     """Run the server until interrupted (uvicorn, one process). Requests must name this server
     in ``Host`` (``default_allowed_hosts`` plus ``extra_hosts``). ``on_ready()`` is called once
     the port is known to be free, before serving (the CLI prints its address there)."""
     uvicorn = require("uvicorn", "serve", "edgeqlora serve")
     allowed = default_allowed_hosts(host) | {h.strip().lower() for h in extra_hosts}
-    app = create_app(runtime, model_id, max_body_bytes, max_tokens_limit, allowed)
+    app = create_app(runtime, model_id, max_body_bytes, max_tokens_limit, allowed,
+                     request_timeout_s)
     if not 0 <= port <= 65535:
         raise InputError(f"port {port} is not in 0..65535")
     # uvicorn logs a bind failure and calls sys.exit; bind once ourselves for a clear error.

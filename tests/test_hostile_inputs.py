@@ -550,6 +550,7 @@ def test_serve_client_that_disconnects_stops_a_non_streaming_generation():
     ("{{ [1] * 100000000 }}", "product"),
     ("{{ 7 ** 100000000 }}", "**"),
     ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
 ])
 def test_hostile_chat_templates_are_stopped_with_one_line(monkeypatch, source, word):
     import time
@@ -635,3 +636,38 @@ def test_importing_onnxruntimes_quantizer_leaves_logging_alone(monkeypatch):
     before = (list(root.handlers), root.level)
     assert quantizer_module().MatMulNBitsQuantizer
     assert (list(root.handlers), root.level) == before
+
+
+def test_serve_request_past_its_time_budget_is_a_504_and_frees_the_runtime():
+    import time
+
+    from edgeqlora.runtimes.serve import create_app
+
+    rt = _SlowRuntime()  # 2,000 pieces, 5 ms apiece: 10 s
+    app = create_app(rt, "m", max_tokens_limit=4096, request_timeout_s=0.4)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2000}).encode()
+    start = time.monotonic()
+    status, raw = _asgi_post(app, body, JSON)
+    assert status == 504 and "--request-timeout" in json.loads(raw)["error"]["message"]
+    assert time.monotonic() - start < 5
+    assert rt.stopped.wait(5) and rt.pieces < 1000
+    assert not app.state.edgeqlora.lock.locked()
+    # Streaming: the headers are sent, so the error comes in-band, then [DONE].
+    rt2 = _SlowRuntime()
+    app = create_app(rt2, "m", max_tokens_limit=4096, request_timeout_s=0.4)
+    stream = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+                         "stream": True}).encode()
+    status, raw = _asgi_post(app, stream, JSON)
+    text = raw.decode()
+    assert status == 200 and "--request-timeout" in text and text.endswith("data: [DONE]\n\n")
+    assert rt2.stopped.wait(5) and rt2.pieces < 1000
+
+
+def test_serve_refuses_a_nonpositive_request_timeout():
+    from edgeqlora.errors import InputError
+    from edgeqlora.runtimes.serve import create_app
+
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(InputError, match="request timeout"):
+            create_app(_SlowRuntime(), "m", request_timeout_s=bad)

@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
                    help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="budget of one request, queueing and generation (default 600); past "
+                        "it the answer is a 504 and its generation stops")
 
 
 def run(args) -> int:
@@ -33,7 +36,8 @@ def run(args) -> int:
     rt = load_runtime(args)
     try:
         model_id = args.model_id or Path(args.export).resolve().name
-        create_app(rt, model_id, args.max_body_bytes, args.max_tokens)  # check the limits first
+        create_app(rt, model_id, args.max_body_bytes, args.max_tokens,  # check the limits first
+                   request_timeout_s=args.request_timeout)
 
         def ready() -> None:  # once the port is known to be free
             print(f"serving {args.export} as '{model_id}' on http://{args.host}:{args.port}/ "
@@ -41,7 +45,8 @@ def run(args) -> int:
 
         serve(rt, host=args.host, port=args.port, model_id=model_id,
               max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens,
-              extra_hosts=tuple(args.allowed_host), on_ready=ready)
+              extra_hosts=tuple(args.allowed_host), on_ready=ready,
+              request_timeout_s=args.request_timeout)
     finally:
         rt.close()
     return 0
