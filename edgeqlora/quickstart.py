@@ -208,17 +208,8 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
         timings["parity_s"] = time.perf_counter() - t0
         cands = parity.get("candidates", {})
         for row in exports:
-            c = cands.get(row["name"])
-            if not c:
-                continue
-            task, everything = c.get("task", {}), c.get("all", {})
-            row["exact_match"] = task.get("exact_match")
-            row["kld"] = everything.get("mean_kld")
-            row["top1"] = everything.get("top1")
-            row["task_kld"] = task.get("mean_kld")
-            row["identical_answers"] = task.get("identical_answers")
-            row["parity_examples"] = task.get("examples")
-            row["passed"] = not parity.get("failures", {}).get(row["name"])
+            if cands.get(row["name"]):
+                row.update(_parity_figures(parity, row["name"]))
         ref = parity.get("reference", {}).get("task", {})
         parity_reference_em = ref.get("exact_match")
     else:
@@ -310,17 +301,22 @@ def _device_aware_variant(out: Path, recipe: str | None, overrides: list[str], f
     except ParityError as exc:
         _say(str(exc))
         report = json.loads((run / "parity" / "parity.json").read_text())
-    c = report.get("candidates", {}).get(name) or {}
-    task, everything = c.get("task", {}), c.get("all", {})
-    row.update(exact_match=task.get("exact_match"), kld=everything.get("mean_kld"),
-               top1=everything.get("top1"), task_kld=task.get("mean_kld"),
-               identical_answers=task.get("identical_answers"),
-               parity_examples=task.get("examples"),
-               passed=not report.get("failures", {}).get(name),
-               reference="its own trained model", decode_tokens_per_s=_decode_speed(target))
+    row.update(_parity_figures(report, name), reference="its own trained model",
+               decode_tokens_per_s=_decode_speed(target))
     figures["trained_exact_match_parity_set"] = \
         report.get("reference", {}).get("task", {}).get("exact_match")
     return {**figures, "row": row}
+
+
+def _parity_figures(report: dict[str, Any], name: str) -> dict[str, Any]:
+    """One candidate's figures in a parity report, as the summary's export rows hold them."""
+    c = report.get("candidates", {}).get(name) or {}
+    task, everything = c.get("task", {}), c.get("all", {})
+    return {"exact_match": task.get("exact_match"), "kld": everything.get("mean_kld"),
+            "top1": everything.get("top1"), "task_kld": task.get("mean_kld"),
+            "identical_answers": task.get("identical_answers"),
+            "parity_examples": task.get("examples"),
+            "passed": not report.get("failures", {}).get(name)}
 
 
 def _decode_speed(path: Path, new_tokens: int = 64) -> float | None:
