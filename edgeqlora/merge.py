@@ -224,7 +224,7 @@ def _roundtrip_settings(quant: dict[str, Any]) -> dict[str, Any]:
 def nf4_roundtrip(weight, quant: dict[str, Any]):
     """``weight`` as the trained model saw it: quantized to 4-bit by bitsandbytes with the
     adapter's settings, dequantized back to fp32 (the same two calls Linear4bit makes)."""
-    from .qlora import quiet_bnb_import
+    from .bnb_import import quiet_bnb_import
 
     quiet_bnb_import()
     import bitsandbytes.functional as bnbf

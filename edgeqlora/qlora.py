@@ -25,6 +25,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
+from .bnb_import import quiet_bnb_import
 from .errors import ConfigError, InputError, ManifestError
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -156,23 +157,6 @@ def cpu_repacked_layers(model) -> list[str]:
     return [name for name, module in model.named_modules()
             if getattr(getattr(getattr(module, "weight", None), "quant_state", None),
                        "packing_format_for_cpu", False)]
-
-
-def quiet_bnb_import() -> None:
-    """Import bitsandbytes without its CPU-backend warning that the optional ``kernels``
-    package (a faster AVX512 inference kernel) is missing: that kernel is exactly the repack
-    path ``guard_cpu_4bit`` turns off, so the warning would only confuse."""
-    import logging
-
-    from .errors import require
-
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        require("bitsandbytes", "train", "a quantized base (quant=nf4, fp4 or int8)")
-    finally:
-        logger.setLevel(level)
 
 
 def _bnb_config(quant: str, double_quant: bool, dtype):
