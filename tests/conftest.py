@@ -76,22 +76,68 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
+# The model families every stage is tested on: family -> (transformers model_type, the config
+# keys that make a tiny random model of it look like the family's real checkpoints). Head
+# dimensions are 16 (hidden 64, 4 heads) unless a family sets its own.
+FAMILIES = {
+    "llama": ("llama", {}),
+    # Llama 3.x: RoPE scaled by frequency band (GGUF: a rope_freqs tensor).
+    "llama3": ("llama", {"norm_noise": 0.2, "rope_theta": 500000.0,
+                         "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 256}}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    # Qwen3: RMSNorm on each head's queries and keys; head_dim not hidden / heads.
+    "qwen3": ("qwen3", {"norm_noise": 0.2, "head_dim": 32}),
+    # Gemma 2: (1 + w) RMSNorm, norms after attention and MLP, scaled embeddings, GELU-tanh,
+    # sliding and global layers alternating, soft-capped attention and final logits (caps
+    # small enough for a random model's scores and logits to reach them: 50 and 30 would
+    # leave tanh linear here, and a cap written wrongly unseen).
+    "gemma2": ("gemma2", {"norm_noise": 0.2, "head_dim": 16, "query_pre_attn_scalar": 16,
+                          "sliding_window": 8, "attn_logit_softcapping": 0.005,
+                          "final_logit_softcapping": 0.5}),
+    # Gemma 3 (text): Gemma 2's layout plus q/k norms, five sliding layers per global one
+    # (each with its own RoPE base), no soft-capping.
+    "gemma3": ("gemma3_text", {"norm_noise": 0.2, "head_dim": 16, "query_pre_attn_scalar": 16,
+                               "sliding_window": 8, "layers": 6}),
+    # Phi-3: fused qkv_proj and gate_up_proj, an untied output head.
+    "phi3": ("phi3", {"norm_noise": 0.2, "tie": False}),
+}
+
+
 def build_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0,
                      hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                      intermediate: int = 128, tie: bool = True) -> Path:
-    """Write a tiny random model of the Llama family (llama, mistral, qwen2) with the real
-    SmolLM2 tokenizer into ``out`` as safetensors, like any local HF checkpoint."""
+    """Write a tiny random model with the real SmolLM2 tokenizer into ``out`` as safetensors,
+    like any local HF checkpoint. ``arch``: a transformers model_type (llama, mistral, qwen2,
+    ...) or a name of ``FAMILIES``, whose settings override the keyword arguments."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    extra: dict = {}
+    if arch in FAMILIES:
+        arch, extra = FAMILIES[arch][0], dict(FAMILIES[arch][1])
+        layers = extra.pop("layers", layers)
+        tie = extra.pop("tie", tie)
+        norm_noise = extra.pop("norm_noise", 0.0)
+    else:
+        norm_noise = 0.0
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
         arch, vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1,
-        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
+        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5, **extra,
     )
     model = AutoModelForCausalLM.from_config(config)
+    if norm_noise:
+        # Freshly initialised norms are all ones (Gemma: zeros, for 1 + w): random ones make a
+        # norm written wrongly (the shift, the wrong tensor) change the logits.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1 and "norm" in name:
+                    p.add_(norm_noise * torch.randn_like(p))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:

@@ -372,7 +372,9 @@ def test_unsupported_architecture(tiny, tmp_path):
     from edgeqlora.exporters.gguf.metadata import model_arch
 
     with pytest.raises(InputError, match="GPTNeoXForCausalLM.*supported: LlamaForCausalLM, "
-                                         "MistralForCausalLM, Qwen2ForCausalLM"):
+                                         "MistralForCausalLM, Qwen2ForCausalLM, "
+                                         "Qwen3ForCausalLM, Gemma2ForCausalLM, "
+                                         "Gemma3ForCausalLM, Phi3ForCausalLM$"):
         model_arch({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"})
     base = tmp_path / "base"
     shutil.copytree(tiny["base"], base)

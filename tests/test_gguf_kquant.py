@@ -75,12 +75,19 @@ def test_direct_kquant_is_llama_cpps_file(deep, tmp_path, quant, bulk):
     assert bulk in mix and "Q6_K" in mix
 
 
-@pytest.mark.parametrize("case", ["untied", "fallback", "qwen2"])
+# Gemma 2 has Gemma 3's tensors less the q/k norms.
+FAMILY_CASES = ["qwen2", "qwen3", "gemma3", "phi3", "llama3"]
+
+
+@pytest.mark.parametrize("case", ["untied", "fallback", *FAMILY_CASES])
 def test_direct_q4_k_m_other_shapes(case, tmp_path, tokenizer_dir):
-    shape = {"untied": dict(hidden=256, intermediate=512, tie=False),
+    """The families' own tensors too: Qwen3's and Gemma 3's q/k norms, Gemma's extra norms
+    (stored as 1 + w), Phi-3's fused attn_qkv (a type up in the mix), Llama 3's rope_freqs."""
+    wide = dict(hidden=256, intermediate=512)
+    shape = {"untied": dict(tie=False, **wide),
              # 96-wide rows: K types fall back (Q5_0; Q8_0 for the head), as SmolLM2's 576.
              "fallback": dict(hidden=96, intermediate=256, heads=3, kv_heads=1),
-             "qwen2": dict(arch="qwen2", hidden=256, intermediate=512)}[case]
+             **{family: dict(arch=family, **wide) for family in FAMILY_CASES}}[case]
     base = build_tiny_model(tmp_path / "base", tokenizer_dir, layers=2, **shape)
     mix = _check_same_file(base, tmp_path, "q4_k_m")
     if case == "fallback":

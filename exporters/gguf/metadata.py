@@ -1,8 +1,13 @@
 """The metadata of a model GGUF: what the exporter takes (architecture table, ``check_model``),
 the hyperparameters, and the vocabulary, following llama.cpp's ``convert_hf_to_gguf.py``.
 
-- Architectures: llama and mistral (written as ``llama``, Q/K RoPE-permuted), qwen2 (not
-  permuted); RoPE scaling none or linear. Anything else is refused before any work.
+- Architectures: llama and mistral (written as ``llama``, Q/K RoPE-permuted), qwen2, qwen3,
+  gemma2, gemma3 (text) and phi3 (not permuted: llama.cpp runs them with NeoX RoPE); RoPE
+  scaling none, linear or llama3 (a ``rope_freqs`` tensor, ``plan``). Gemma's norms are stored
+  as ``1 + w`` (its RMSNorm adds the 1 at run time, llama.cpp's does not). What llama.cpp
+  hard-codes for a family (Gemma 3's five sliding layers per global one and their RoPE base,
+  the attention scale) is checked against the config, and a config that differs is refused,
+  as is anything else, before any work.
 - Vocabulary: BPE ("gpt2") tokens by id, added special tokens as CONTROL, other added tokens
   USER_DEFINED; merges, bos/eos/pad ids and the chat template through ``gguf.SpecialVocab``; the
   pre-tokenizer name from llama.cpp's fingerprint table (``pretokenizers``): an unknown
@@ -20,7 +25,11 @@ from edgeqlora.errors import InputError
 
 # HF architecture -> (gguf MODEL_ARCH member name, apply llama's Q/K RoPE permutation)
 ARCHS = {"LlamaForCausalLM": ("LLAMA", True), "MistralForCausalLM": ("LLAMA", True),
-         "Qwen2ForCausalLM": ("QWEN2", False)}
+         "Qwen2ForCausalLM": ("QWEN2", False), "Qwen3ForCausalLM": ("QWEN3", False),
+         "Gemma2ForCausalLM": ("GEMMA2", False), "Gemma3ForCausalLM": ("GEMMA3", False),
+         "Phi3ForCausalLM": ("PHI3", False)}
+# Families whose RMSNorm multiplies by (1 + w): convert_hf_to_gguf.py writes w + 1.
+SHIFTED_NORMS = ("GEMMA2", "GEMMA3")
 
 
 def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -63,15 +72,50 @@ def check_lora_key(key: str) -> None:
                          "serves both); export the merged model instead (no --adapter-only)")
 
 
+def rope_parameters(cfg: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
+    """The RoPE settings of ``layer_type``'s layers (Gemma 3 keeps one set per layer type)."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    params.setdefault("rope_theta", cfg.get("rope_theta"))
+    return params
+
+
 def _rope_theta(cfg: dict[str, Any]) -> float | None:
-    params = cfg.get("rope_parameters") or {}
-    return params.get("rope_theta", cfg.get("rope_theta"))
+    return rope_parameters(cfg).get("rope_theta")
 
 
 def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any]:
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params = rope_parameters(cfg)
     kind = params.get("rope_type") or params.get("type") or "default"
     return {"type": kind, "factor": params.get("factor")}
+
+
+def llama3_rope_factors(cfg: dict[str, Any]):
+    """Llama 3's per-frequency RoPE divisors (the ``rope_freqs`` tensor llama.cpp applies), as
+    transformers' ``_compute_llama3_parameters`` and llama.cpp's converter compute them."""
+    import math
+
+    import numpy as np
+
+    p = rope_parameters(cfg)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (float(p["rope_theta"]) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                                / head_dim))
+    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), \
+        float(p["high_freq_factor"])
+    old = float(p["original_max_position_embeddings"])
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def file_type(quant: str) -> int:
@@ -102,17 +146,74 @@ def add_hparams(w, cfg: dict[str, Any], file_type: int, name: str) -> None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_rope_dimension_count(head_dim)
+    # Phi-3.5/4-mini rotate only part of each head (partial_rotary_factor), as the converter.
+    rotary = rope_parameters(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    w.add_rope_dimension_count(int((rotary or 1.0) * head_dim))
     scaling = _rope_scaling(cfg)
+    arch, _ = model_arch(cfg)
     if scaling["type"] == "linear" and scaling["factor"]:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif scaling["type"] == "llama3" and arch.name == "LLAMA":
+        pass  # the rope_freqs tensor carries it (plan.tensor_plan); no key, as the converter
     elif scaling["type"] not in ("default", None):
-        # llama3 / yarn / longrope need extra tensors or keys this exporter does not write.
+        # yarn / longrope need extra tensors or keys this exporter does not write.
         raise InputError(f"rope scaling type {scaling['type']!r} is not supported by the GGUF "
-                         "exporter (supported: none, linear)")
+                         "exporter for this architecture (supported: none, linear; llama3 for "
+                         "Llama)")
+    family_hparams(w, cfg, arch.name, head_dim)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# llama.cpp's 27B Gemmas (46 and 62 layers) scale attention by hidden / heads, every other
+# Gemma by head_dim (llama-model.cpp, f_attention_scale).
+_GEMMA_27B_LAYERS = {"GEMMA2": 46, "GEMMA3": 62}
+
+
+def family_hparams(w, cfg: dict[str, Any], arch: str, head_dim: int) -> None:
+    """The keys one family needs beyond Llama's, and a refusal for the settings llama.cpp
+    hard-codes differently (it would run another model than the checkpoint)."""
+    def refuse(what: str) -> None:
+        raise InputError(f"{cfg.get('architectures', ['?'])[0]}: {what}; llama.cpp cannot run "
+                         "this configuration as trained, so the GGUF exporter refuses it")
+
+    n_layers = cfg["num_hidden_layers"]
+    if arch in _GEMMA_27B_LAYERS:
+        scalar = cfg.get("query_pre_attn_scalar", head_dim)
+        want = cfg["hidden_size"] // cfg["num_attention_heads"] \
+            if n_layers == _GEMMA_27B_LAYERS[arch] else head_dim
+        if scalar != want:
+            refuse(f"query_pre_attn_scalar is {scalar}, llama.cpp scales attention by {want}")
+        layer_types = cfg.get("layer_types") or []
+        # llama.cpp's swa pattern: Gemma 2 every other layer from the first, Gemma 3 five of six.
+        period = 2 if arch == "GEMMA2" else 6
+        want_types = ["sliding_attention" if i % period < period - 1 else "full_attention"
+                      for i in range(n_layers)]
+        if layer_types and layer_types != want_types:
+            refuse(f"layer_types {layer_types} differ from llama.cpp's pattern (one global "
+                   f"layer in {period})")
+        if cfg.get("sliding_window"):
+            w.add_sliding_window(int(cfg["sliding_window"]))
+    if arch == "GEMMA2":
+        caps = cfg.get("attn_logit_softcapping"), cfg.get("final_logit_softcapping")
+        if None in caps:
+            refuse("soft-capping is off, and llama.cpp's Gemma 2 always soft-caps")
+        w.add_attn_logit_softcapping(float(caps[0]))
+        w.add_final_logit_softcapping(float(caps[1]))
+    if arch == "GEMMA3":
+        if cfg.get("attn_logit_softcapping") is not None:
+            refuse("attention soft-capping is set, and llama.cpp's Gemma 3 has none")
+        if cfg.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+        local = rope_parameters(cfg, "sliding_attention")
+        theta = local.get("rope_theta", cfg.get("rope_local_base_freq"))
+        if float(theta or 10000.0) != 10000.0 or \
+                (local.get("rope_type") or "default") != "default":
+            refuse(f"the sliding layers' RoPE is {local}, llama.cpp's Gemma 3 uses base 10000 "
+                   "unscaled")
+    if arch == "PHI3":
+        w.add_sliding_window(int(cfg.get("sliding_window") or 0))
 
 
 def load_tokenizer(model_dir: Path):

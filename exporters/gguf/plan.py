@@ -29,7 +29,7 @@ from edgeqlora.artifacts import safetensors_files, safetensors_specs
 from edgeqlora.errors import InputError
 
 from .common import DIRECT_QUANTS, K_QUANTS
-from .metadata import model_arch
+from .metadata import SHIFTED_NORMS, llama3_rope_factors, model_arch, rope_parameters
 
 # Mix -> the type llama.cpp starts every quantizable tensor from (llama_ftype_get_default_type).
 DEFAULT_TYPE = {"q3_k_m": "Q3_K", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}
@@ -122,6 +122,14 @@ def tensor_plan(cfg: dict[str, Any], specs: list[tuple[Any, str, list[int]]], qu
         plan.append({"file": path, "src": name, "name": new, "shape": list(shape),
                      "qtype": _choose_type(new, shape, direct, tied),
                      "permute": kind if permute else None})
+        if arch.name in SHIFTED_NORMS and name.endswith("norm.weight"):
+            plan[-1]["shift"] = 1.0  # Gemma's RMSNorm scales by 1 + w; llama.cpp's by w
+    if (rope_parameters(cfg).get("rope_type") or "default") == "llama3":
+        # Llama 3's RoPE divisors as the tensor llama.cpp reads (first, as the converter).
+        values = llama3_rope_factors(cfg)
+        plan.insert(0, {"file": None, "src": None, "name": "rope_freqs.weight",
+                        "shape": [len(values)], "qtype": gguf.GGMLQuantizationType.F32,
+                        "permute": None, "values": values.tolist()})
     if quant in DIRECT_QUANTS:
         return plan
     plan.sort(key=llama_cpp_order)
@@ -173,7 +181,7 @@ def kquant_types(plan: list[dict[str, Any]], quant: str, n_layers: int,
     default = DEFAULT_TYPE[quant]
     names = [t["name"] for t in plan]
     tied = "output.weight" not in names  # init_quantize_state_counters
-    n_attn_v = sum("attn_v.weight" in n for n in names)
+    n_attn_v = sum("attn_v.weight" in n or "attn_qkv.weight" in n for n in names)
     i_attn_v = i_ffn_down = 0
     types = []
     for t in plan:
@@ -188,7 +196,9 @@ def kquant_types(plan: list[dict[str, Any]], quant: str, n_layers: int,
             new = "Q8_0" if shape[-1] % block else "Q6_K"
         elif name == "token_embd.weight":
             pass
-        elif "attn_v.weight" in name:
+        elif "attn_v.weight" in name or "attn_qkv.weight" in name:
+            # A fused Q/K/V (Phi-3) counts and is typed as attn_v (measured against
+            # llama_model_quantize for every mix).
             if quant == "q3_k_m":
                 new = "Q5_K" if i_attn_v < 2 else "Q4_K"
             elif quant in ("q4_k_m", "q5_k_m") and _more_bits(i_attn_v, n_attn_v):

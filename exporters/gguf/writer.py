@@ -57,6 +57,13 @@ class _StreamedTensor:
         import numpy as np
         from safetensors import safe_open
 
+        if "values" in self.t:  # made by the plan, not in the checkpoint (rope_freqs)
+            return np.asarray(self.t["values"], dtype=np.float32)[start:stop]
+        if self.t.get("shift"):  # 1-D norms, read whole
+            with safe_open(str(self.t["file"]), framework="np") as f:
+                return np.asarray(f.get_tensor(self.t["src"]), dtype=np.float32) \
+                    + np.float32(self.t["shift"])
+
         # A fresh safe_open per read: safetensors memory-maps the file, and pages read through a
         # mapping kept open stay resident (RSS would grow to the model size).
         with safe_open(str(self.t["file"]), framework="np") as f:

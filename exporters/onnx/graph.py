@@ -6,10 +6,13 @@ say which step runs.
 is explicit: inputs ``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.{i}.key/value``; outputs ``logits`` and ``present.{i}.key/value`` -- the
 names onnxruntime-genai's ``decoder`` expects. Exporting the model transformers itself runs
-keeps RoPE, GQA, biases (qwen2) and norms exactly as trained; a hand-built graph (as the genai
-model builder writes) could drift from the checkpoint silently (optimum-onnx 0.1.0 exports
-transformers-5 checkpoints with the wrong RoPE theta, for one). The TorchScript exporter writes
-the tied ``lm_head`` as its own pre-transposed weight, so it is quantized like any other MatMul.
+keeps RoPE (Llama 3 scaling, Gemma 3's per-layer bases), GQA, biases (qwen2), q/k norms (qwen3,
+gemma3), Gemma's (1 + w) norms and soft-capping, and Phi-3's fused projections (one MatMul
+each) exactly as trained; sliding-window layers keep full caches and the window is in the mask
+(see ``WithCache``). A hand-built graph (as the genai model builder writes) could drift from
+the checkpoint silently (optimum-onnx 0.1.0 exports transformers-5 checkpoints with the wrong
+RoPE theta, for one). The TorchScript exporter writes the tied ``lm_head`` as its own
+pre-transposed weight, so it is quantized like any other MatMul.
 """
 
 from __future__ import annotations
@@ -54,7 +57,14 @@ def export_fp32(model_dir: Path, path: Path, opset: int = OPSET) -> dict[str, An
             self.m = m
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.m.config)
+            # No config: every layer a full DynamicLayer. With the config, Gemma's sliding
+            # layers would be DynamicSlidingWindowLayers that keep only the last window - 1
+            # keys, so present.{i} of a sliding layer would not be past + new tokens (the
+            # runtimes and onnxruntime-genai feed every present back as the next past, whole).
+            # Full layers keep the history; the sliding window is applied by the attention
+            # mask transformers builds from config.sliding_window, which is the same
+            # attention the checkpoint computes.
+            cache = DynamicCache()
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.m(input_ids=input_ids, attention_mask=attention_mask,

@@ -58,11 +58,26 @@ CALIBRATED = tuple(q for q, r in RECIPES.items() if r["algorithm"] == "gptq")
 # full rank before damping).
 CALIBRATION_MAX_LEN = 256
 
-# Same family the GGUF exporter supports; each is a transformers model whose forward accepts an
-# explicit DynamicCache, which is all the tracing wrapper needs.
-ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Decoder families whose transformers model accepts an explicit DynamicCache, which is all the
+# tracing wrapper needs (graph.py): the Llama family (llama incl. Llama 3 rope scaling,
+# mistral, qwen2), Qwen3 (q/k norms), Gemma 2 / Gemma 3 text (sliding-window layers, kept as
+# full caches with the window in the mask; soft-capping; (1 + w) norms) and Phi-3 (fused
+# qkv_proj / gate_up_proj: one MatMul each, quantized like any other). tests/
+# test_onnx_families.py exports each one and checks logits and cached decoding vs transformers.
+ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")
+# architecture -> onnxruntime-genai's model type (0.18 accepts each of these names). genai only
+# picks its decoder class from the type; the graph carries the family's maths, and
+# past_present_share_buffer false makes it feed every present back as the next past, so the
+# full-length sliding-layer caches need no genai "sliding_window" settings.
 GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-               "Qwen2ForCausalLM": "qwen2"}
+               "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+               "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+               "Phi3ForCausalLM": "phi3"}
+# RoPE variants whose frequencies depend on the sequence length at run time: the tracer keeps
+# only the branch it ran (the short factors / unscaled base of a 5-token trace), so a longer
+# context would silently compute the wrong rotation.
+DYNAMIC_ROPE = ("dynamic", "longrope")
 
 # Verification thresholds vs the merged model in fp32 (top-1 agreement, mean KL). fp32 must be
 # exact up to kernel rounding; fp16/int8 measured on SmolLM2-135M at KL ~1e-4 / ~0.004; int4 RTN
@@ -209,7 +224,28 @@ def check_architecture(model_dir: Path) -> dict[str, Any]:
         raise InputError(f"{model_dir}: architecture {arch} (model_type "
                          f"{cfg.get('model_type')!r}) is not supported by the ONNX exporter; "
                          f"supported: {', '.join(ARCHS)}")
+    rope = rope_types(cfg) & set(DYNAMIC_ROPE)
+    if rope:
+        raise InputError(f"{model_dir}: rope_type {sorted(rope)[0]!r} changes its frequencies "
+                         "with the sequence length, which a traced ONNX graph cannot follow; "
+                         "the ONNX exporter takes fixed RoPE only (default, linear, llama3, "
+                         "yarn); use the GGUF target for this model")
     return cfg
+
+
+def rope_types(cfg: dict[str, Any]) -> set[str]:
+    """The RoPE types a config names (``rope_scaling``, transformers 5's ``rope_parameters``,
+    whose Gemma 3 form holds one dict per layer type)."""
+    found = set()
+    for key in ("rope_scaling", "rope_parameters"):
+        spec = cfg.get(key)
+        if not isinstance(spec, dict):
+            continue
+        for d in [spec] + [v for v in spec.values() if isinstance(v, dict)]:
+            kind = d.get("rope_type", d.get("type"))
+            if isinstance(kind, str):
+                found.add(kind)
+    return found
 
 
 def check_model(model_dir: str | Path, lora_keys: list[str] | None = None) -> None:
