@@ -28,7 +28,10 @@ FORMAT_VERSION = 1
 # merged weights and what every exporter ships beside the model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
+                   "tokenizer.model", "added_tokens.json",
+                   # exporters.gguf.metadata.SOURCE_METADATA: the vocabulary of a base that was
+                   # converted from a GGUF, as llama.cpp reads it
+                   "source_metadata.gguf")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -93,9 +93,22 @@ def resolve_base(spec: str | os.PathLike[str]) -> Path:
     if text == EMBEDDED or text.startswith(EMBEDDED + ":"):
         return ensure_named(text.partition(":")[2] or "smollm2")
     path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from .base_gguf import ensure_gguf_base
+
+        return ensure_gguf_base(path, gguf_converters())
     if path.exists() or not _HUB_ID.match(text):
         return validate_local_dir(path)
     return _fetch_from_hub(text)
+
+
+def gguf_converters() -> dict[tuple, Any]:
+    """(architecture, tokenizer model, pre-tokenizer or None) -> (convert, converter version):
+    the GGUF files ``base=FILE.gguf`` takes, by the embedded model whose converter fits."""
+    from . import base_gemma
+
+    return {("llama", "gpt2", "smollm"): (convert_embedded, CONVERTER_VERSION),
+            ("gemma3", "llama", None): (base_gemma.convert_gemma3, base_gemma.CONVERTER_VERSION)}
 
 
 def ensure_named(name: str) -> Path:
@@ -117,10 +130,8 @@ def validate_local_dir(path: str | os.PathLike[str]) -> Path:
         raise InputError(f"base model directory {path} does not exist; pass 'embedded', an "
                          "existing directory with a Hugging Face checkpoint, or a hub id")
     if not path.is_dir():
-        hint = (" (a GGUF file cannot be a training base; only the embedded model is converted "
-                "from GGUF)" if path.suffix == ".gguf" else "")
         raise InputError(f"base model {path} is a file, not a directory with a Hugging Face "
-                         f"checkpoint{hint}")
+                         "checkpoint (or a .gguf file)")
     config = path / "config.json"
     if not config.is_file():
         raise InputError(f"base model directory {path} has no config.json; is it a Hugging Face "
@@ -225,8 +236,10 @@ def verify_embedded_cache() -> list[str]:
     return verify_files(out, read_manifest(out, kind=MANIFEST_KIND))
 
 
-def convert_embedded(gguf_path: Path, out: Path) -> dict[str, Any]:
-    """Convert the embedded GGUF into a Hugging Face checkpoint at ``out`` (atomic)."""
+def convert_embedded(gguf_path: Path, out: Path, record: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+    """Convert the embedded GGUF into a Hugging Face checkpoint at ``out`` (atomic). ``record``
+    replaces manifest entries (``base_gguf``: a user's own file with this tokenizer)."""
     started = time.perf_counter()
     with atomic_dir(out, force=True, what="embedded model cache") as tmp:
         tok_info = write_tokenizer_from_gguf(gguf_path, tmp)
@@ -254,6 +267,7 @@ def convert_embedded(gguf_path: Path, out: Path) -> dict[str, Any]:
             "conversion_seconds": round(time.perf_counter() - started, 1),
             "versions": versions("edgeqlora", EMBEDDED_DIST, "transformers", "torch", "gguf",
                                  "tokenizers", "safetensors"),
+            **(record or {}),
         })
     log.info("converted %s into %s in %.1f s", gguf_path.name, out, time.perf_counter() - started)
     return manifest
@@ -421,6 +435,7 @@ def base_fingerprint(path: str | os.PathLike[str], spec: str | None = None) -> d
                 "model_type": manifest["model_type"],
                 "num_parameters": manifest["num_parameters"],
                 "source_sha256": manifest.get("source", {}).get("sha256"),
+                "license": manifest.get("license"),
             }
     files = sorted(path.glob("*.safetensors"))
     if not files:

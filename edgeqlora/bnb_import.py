@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 
-def quiet_bnb_import() -> None:
+def quiet_bnb_import(required: bool = True) -> None:
     """Import bitsandbytes without its CPU-backend warning that the optional ``kernels``
     package (a faster AVX512 inference kernel) is missing: that kernel is exactly the repack
     path ``guard_cpu_4bit`` turns off, so the warning would only confuse.
@@ -23,6 +23,11 @@ def quiet_bnb_import() -> None:
 
     if "bitsandbytes" in sys.modules:
         return
+    if not required:  # before peft, which imports bitsandbytes whenever it is installed
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return
     import torch
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")

@@ -173,6 +173,8 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     out_dir = Path(out_dir)
     _prepare(out_dir, force)
     adapter = M.read_adapter(adapter_dir)
+    if "identity" in options and options["identity"] is None:  # an exporter that writes one
+        options["identity"] = inputs.identity(adapter)
     check_apart(out_dir, {"base model": adapter.base_dir}, "export")
     M.check_fit(adapter)
     M.resolve_merge_base(adapter, merge_base)

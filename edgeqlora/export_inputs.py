@@ -163,3 +163,33 @@ def batched(seqs: list[list[int]], load):
         return done[tuple(ids)]
 
     return logits
+
+
+# Licences of the embedded bases (their manifests predate the field; a local checkpoint's is
+# not guessed).
+_EMBEDDED_LICENSES = {"embedded": "apache-2.0", "embedded:smollm2": "apache-2.0"}
+
+
+def identity(adapter) -> dict[str, Any]:
+    """What an export says it is (GGUF ``general.*``, as llama.cpp's converter and the hub
+    write them): the base's own name and size, the adapter as the fine-tune, the base as
+    ``base_model``. From the adapter manifest and the base's fingerprint only."""
+    import gguf
+
+    fp, data = adapter.base_fingerprint, adapter.manifest.get("data") or {}
+    repo = fp.get("name") or ""
+    org, _, short = repo.rpartition("/") if "/" in repo else ("", "", repo)
+    short = short or Path(str(fp.get("path") or "model")).name
+    spec = str((adapter.manifest.get("base") or {}).get("spec") or "")
+    task = Path(str(data.get("spec") or "data")).stem.replace("embedded:", "") or "data"
+    out = {"name": f"{short} edgeqlora {task}", "basename": short,
+           "finetune": f"edgeqlora-{task}", "base_model": {"name": short}}
+    if fp.get("num_parameters"):
+        out["size_label"] = gguf.size_label(int(fp["num_parameters"]), 0, 0, 0)
+    license_ = fp.get("license") or _EMBEDDED_LICENSES.get(spec)
+    if license_:
+        out["license"] = license_.split(" ")[0]
+    if org:
+        out["base_model"].update(organization=org, repo_url=f"https://huggingface.co/{repo}")
+    return out
+

@@ -337,6 +337,9 @@ def _lora_layer():
     """PEFT's own LoRA ``Linear`` (forward = base output + scaled ``B(A(dropout(x)))``, casts,
     adapters, saving), refusing what needs a dense base weight. Built on first use: peft loads
     only when LoRA is attached."""
+    from .bnb_import import quiet_bnb_import
+
+    quiet_bnb_import(required=False)  # peft imports it when installed
     from peft.tuners.lora.layer import Linear
 
     class GGMLLoraLinear(Linear):

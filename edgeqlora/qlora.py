@@ -293,6 +293,7 @@ def attach_lora(model, lora_cfg):
     """
     import warnings
 
+    quiet_bnb_import(required=False)  # peft imports it when installed
     from peft import LoraConfig, get_peft_model
 
     if lora_cfg.r <= 0:
@@ -331,6 +332,7 @@ def load_trained(adapter_dir, device=None):
     (guarded against the CPU repack trap)."""
     import warnings
 
+    quiet_bnb_import(required=False)  # peft imports it when installed
     from peft import PeftModel
 
     from .artifacts import check_lora_config, read_json, read_verified_manifest
@@ -366,6 +368,7 @@ def load_trained(adapter_dir, device=None):
     from .device_base import is_packed
 
     if is_packed(model):
+        quiet_bnb_import(required=False)  # peft imports it when installed
         from peft import LoraConfig
 
         from .ggml_torch import register_lora

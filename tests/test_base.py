@@ -274,9 +274,13 @@ def test_dir_without_config_or_tokenizer_refused(tmp_path):
     (d / "config.json").unlink()
     with pytest.raises(InputError, match="no config.json"):
         base.resolve_base(str(d))
-    f = tmp_path / "model.gguf"
-    f.write_bytes(b"GGUF")
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"{}")
     with pytest.raises(InputError, match="is a file"):
+        base.resolve_base(str(f))
+    f = tmp_path / "model.gguf"  # a .gguf file is a base to convert (tests/test_base_gguf.py)
+    f.write_bytes(b"GGUF")
+    with pytest.raises(InputError, match="is not a readable GGUF file"):
         base.resolve_base(str(f))
 
 

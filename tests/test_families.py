@@ -87,19 +87,20 @@ def test_merged_f32_gguf_matches_transformers(trained, tmp_path, tokenizer_dir):
             assert (ref.argmax(-1) == got.argmax(-1)).all()
 
 
-@pytest.fixture(autouse=True)
-def plain_tokenizer_for_qwen2(trained, monkeypatch):
-    """transformers 5 loads any tokenizer of a ``qwen2`` checkpoint through its Qwen2 class,
-    which swaps in Qwen2's pre-tokenizer: the SmolLM2 files of the tiny Qwen2 model then
-    tokenize differently from llama.cpp, and the export rightly refuses (a pairing no real
-    checkpoint has). The export's reference tokenizer is loaded as the files say instead."""
-    if trained[0] != "qwen2":
-        return
-    from transformers import PreTrainedTokenizerFast
+@pytest.fixture
+def exported(trained, monkeypatch):
+    """``trained``, for the tests that export it. transformers 5 loads any tokenizer of a
+    ``qwen2`` checkpoint through its Qwen2 class, which swaps in Qwen2's pre-tokenizer: the
+    SmolLM2 files of the tiny Qwen2 model then tokenize differently from llama.cpp, and the
+    export rightly refuses (a pairing no real checkpoint has). There the export's reference
+    tokenizer is loaded as the files say instead."""
+    if trained[0] == "qwen2":
+        from transformers import PreTrainedTokenizerFast
 
-    from edgeqlora import export_inputs
+        from edgeqlora import export_inputs
 
-    monkeypatch.setattr(export_inputs, "tokenizer", PreTrainedTokenizerFast.from_pretrained)
+        monkeypatch.setattr(export_inputs, "tokenizer", PreTrainedTokenizerFast.from_pretrained)
+    return trained
 
 
 # Mean KL bound per quant on these tiny random models, with margin over the measured 2e-4
@@ -110,12 +111,12 @@ MAX_KLD = {"f16": 1e-4, "q8_0": 2e-3, "q4_k_m": 1e-2}
 
 
 @pytest.mark.parametrize("quant", list(MAX_KLD))
-def test_export_passes_verification(trained, tmp_path, quant):
+def test_export_passes_verification(exported, tmp_path, quant):
     """The export stage end to end: merge, write, verification through llama.cpp against the
     merged model (every held-out text tokenized identically), manifest."""
     from edgeqlora.export import export_adapter
 
-    _, _, adapter = trained
+    _, _, adapter = exported
     gates = {"min_top1": 0.99 if quant == "f16" else 0.0, "max_kld": MAX_KLD[quant]}
     m = export_adapter(adapter, tmp_path / quant, quant=quant, eval_tokens=128, thresholds=gates)
     check = m["verification"]
@@ -123,12 +124,12 @@ def test_export_passes_verification(trained, tmp_path, quant):
     assert check["tokens"] > 50 and check["tokenization"]["mismatches"] == []
 
 
-def test_adapter_only_gguf_applied_by_llama_cpp(trained, tmp_path):
+def test_adapter_only_gguf_applied_by_llama_cpp(exported, tmp_path):
     """The base GGUF plus the LoRA GGUF, merged by llama.cpp at load time, against the trained
     model merged in fp32: the LoRA tensors' names and orientation are right for the family."""
     from edgeqlora.export import export_adapter
 
-    _, _, adapter = trained
+    _, _, adapter = exported
     m = export_adapter(adapter, tmp_path / "ao", quant="f32", adapter_only=True,
                        adapter_quant="f32", merge_base="original", eval_tokens=128)
     check = m["verification"]
@@ -168,3 +169,48 @@ def test_configs_llama_cpp_would_run_differently_are_refused(family, change, ref
     with pytest.raises(InputError, match=refusal):
         G.write_model_gguf(base, tmp_path / "model.gguf", "f32")
     assert not (tmp_path / "model.gguf").exists()
+
+
+def test_vocabulary_of_a_converted_gguf_is_copied_back(tmp_path, tokenizer_dir):
+    """A checkpoint converted from a GGUF keeps that GGUF's tokenizer keys beside it
+    (``source_metadata.gguf``, how the embedded Gemma 3 carries its SentencePiece vocabulary):
+    the export writes them back verbatim, and llama.cpp tokenizes the export like the source."""
+    import gguf
+    from llama_cpp import Llama
+
+    from edgeqlora.base import embedded_gguf_path
+    from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf.metadata import SOURCE_METADATA, write_source_metadata
+
+    source = embedded_gguf_path()  # SmolLM2's own GGUF: the tiny model shares its vocabulary
+    base = build_tiny_model(tmp_path / "base", tokenizer_dir)
+    keys = write_source_metadata(source, base / SOURCE_METADATA)
+    assert "tokenizer.ggml.tokens" in keys and "general.license" in keys
+    info = G.write_model_gguf(base, tmp_path / "model.gguf", "f32")
+    assert info["vocab"]["source"] == SOURCE_METADATA
+    src, out = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    for key in keys:
+        assert out.fields[key].contents() == src.fields[key].contents(), key
+    text = "Turn on the kitchen light at 7:30 <|im_start|> 12345  ok\n\n"
+    ids = [Llama(str(p), vocab_only=True, verbose=False).tokenize(text.encode(), special=True)
+           for p in (source, tmp_path / "model.gguf")]
+    assert ids[0] == ids[1]
+
+
+def test_a_tokenizer_that_disagrees_with_llama_cpp_is_refused(tmp_path, tokenizer_dir):
+    """transformers tokenizes the tiny Qwen2's SmolLM2 files with Qwen2's pre-tokenizer, llama.cpp
+    with the files' own: the export refuses in one line naming the first differing text, and
+    writes nothing."""
+    from lora_fixtures import make_adapter
+
+    from edgeqlora.errors import ExportError
+    from edgeqlora.export import export_adapter
+
+    base = build_tiny_model(tmp_path / "base", tokenizer_dir, arch="qwen2")
+    adapter = make_adapter(tmp_path / "adapter", base)
+    with pytest.raises(ExportError, match=r"tokenization differs from the HF tokenizer on \d+ "
+                                          r"of \d+ held-out texts, first '") as err:
+        export_adapter(adapter, tmp_path / "out", quant="f16", merge_base="original",
+                       eval_tokens=64)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -525,3 +525,38 @@ def test_export_parity_gate_really_gates(tiny, tmp_path, capsys):
     assert err.startswith("edgeqlora export: error: parity gate failed") and "ppl" in err
     assert not out.exists()
     assert not _leftovers(tmp_path, "refused")
+
+
+def test_gguf_says_what_it_is(tiny, f16_export):
+    """general.* as the hub and llama.cpp's converter write them: the base's name and size, the
+    adapter's task as the fine-tune, the base as base_model (not ``general.name = "model"``)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(f16_export / "model.f16.gguf"))
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("general.")}
+    base = tiny["base"].name
+    assert fields["general.name"] == f"{base} edgeqlora iot"
+    assert fields["general.basename"] == base and fields["general.finetune"] == "edgeqlora-iot"
+    assert fields["general.base_model.count"] == 1
+    assert fields["general.base_model.0.name"] == base
+    assert fields["general.size_label"].endswith("M")
+    assert "general.license" not in fields  # a local checkpoint's licence is not guessed
+
+
+def test_identity_of_an_embedded_base():
+    from types import SimpleNamespace
+
+    from edgeqlora.export_inputs import identity
+
+    adapter = SimpleNamespace(
+        base_fingerprint={"name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                          "num_parameters": 134_515_008, "path": "/x"},
+        manifest={"base": {"spec": "embedded"}, "data": {"spec": "embedded:iot"}})
+    got = identity(adapter)
+    assert got == {"name": "SmolLM2-135M-Instruct edgeqlora iot",
+                   "basename": "SmolLM2-135M-Instruct", "finetune": "edgeqlora-iot",
+                   "size_label": "135M", "license": "apache-2.0",
+                   "base_model": {"name": "SmolLM2-135M-Instruct",
+                                  "organization": "HuggingFaceTB",
+                                  "repo_url": "https://huggingface.co/HuggingFaceTB/"
+                                              "SmolLM2-135M-Instruct"}}

@@ -60,8 +60,8 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
                  lora: dict[str, tuple[Any, Any, float]] | None = None,
                  adapter_quant: str = "q8_0", name: str = "model", progress: bool = False,
                  calibration: tuple[list[list[int]], dict[str, Any]] | None = None,
-                 imatrix: str | None = None, imatrix_rows: int | None = None
-                 ) -> dict[str, Any]:
+                 imatrix: str | None = None, imatrix_rows: int | None = None,
+                 identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a GGUF export into ``out_dir`` (an existing, empty temporary directory).
 
     Full model: ``model_dir`` is the merged checkpoint -> ``<name>.<quant>.gguf``. Adapter-only
@@ -73,7 +73,8 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
     ``calibration_request`` asked for). For a quant that uses an importance matrix (K-quants,
     Q4_0) its tensors are quantized with one computed on those sequences in torch; recorded
     under ``info["imatrix"]``. Types that use none (f32/f16/bf16/q8_0) get a note instead.
-    ``imatrix`` / ``imatrix_rows``: the options the request came from (checked here too)."""
+    ``imatrix`` / ``imatrix_rows``: the options the request came from (checked here too).
+    ``identity``: the ``general.*`` keys of the model file (``export_inputs.identity``)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     quant = common.check_quant(quant)
     opts = check_options({"imatrix": imatrix, "imatrix_rows": imatrix_rows, "name": name})
@@ -90,6 +91,7 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
         # One streaming pass; K-quant mixes with llama.cpp's types and kernels, the imatrix
         # applied as each tensor is quantized.
         info.update(write_model_gguf(model_dir, model_file, quant, name=stem,
+                                     identity=identity,
                                      progress=progress, imatrix=im, plan=plan))
         info["writer"] = "direct"
         if im is not None:
@@ -103,10 +105,11 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
         info["writer"] = "llama.cpp quantizer"
         with tempfile.TemporaryDirectory(prefix=".f32-", dir=out_dir.parent) as scratch:
             f32 = Path(scratch) / "model.f32.gguf"
-            info.update(write_model_gguf(model_dir, f32, "f32", name=stem, progress=progress))
+            info.update(write_model_gguf(model_dir, f32, "f32", name=stem, progress=progress,
+                                         identity=identity))
             if quant in DIRECT_QUANTS:
                 info["plan"] = write_model_gguf(model_dir, model_file, quant, name=stem,
-                                                progress=progress)["plan"]
+                                                identity=identity, progress=progress)["plan"]
             else:
                 quantize_gguf(f32, model_file, quant)
                 info["plan"] = None

@@ -127,12 +127,33 @@ def file_type(quant: str) -> int:
             "q6_k": F.MOSTLY_Q6_K, "q3_k_m": F.MOSTLY_Q3_K_M}[quant]
 
 
-def add_hparams(w, cfg: dict[str, Any], file_type: int, name: str) -> None:
+def add_identity(w, identity: dict[str, Any]) -> None:
+    """``general.*``: what the file is (``edgeqlora.export_inputs.identity``)."""
+    w.add_name(identity["name"])
+    for key, add in (("basename", w.add_basename), ("size_label", w.add_size_label),
+                     ("finetune", w.add_finetune), ("license", w.add_license)):
+        if identity.get(key):
+            add(str(identity[key]))
+    base = identity.get("base_model") or {}
+    if base.get("name"):
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, base["name"])
+        if base.get("organization"):
+            w.add_base_model_organization(0, base["organization"])
+        if base.get("repo_url"):
+            w.add_base_model_repo_url(0, base["repo_url"])
+
+
+def add_hparams(w, cfg: dict[str, Any], file_type: int, name: str,
+                identity: dict[str, Any] | None = None) -> None:
     import gguf
 
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    w.add_name(name)
+    if identity:
+        add_identity(w, identity)
+    else:
+        w.add_name(name)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg.get("max_position_embeddings", 2048))
     w.add_embedding_length(cfg["hidden_size"])
@@ -302,11 +323,74 @@ def adds_eos(tokenizer, tok_cfg: dict[str, Any]) -> bool:
     return eos is not None and len(ids) > 1 and ids[-1] == eos
 
 
-def add_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
-    """The tokenizer of ``model_dir`` (its HF files) into the writer ``w``; returns what the
-    manifest records about it."""
+# Beside a checkpoint converted from a GGUF (the embedded Gemma 3): that GGUF's tokenizer and
+# identity keys, as a GGUF without tensors. A SentencePiece vocabulary (tokens, scores, types)
+# cannot be rebuilt from tokenizer.json, so the export copies it back verbatim: the device then
+# tokenizes exactly as llama.cpp did on the original file.
+SOURCE_METADATA = "source_metadata.gguf"
+_SOURCE_KEYS = ("tokenizer.", "general.basename", "general.size_label", "general.license",
+                "general.tags")
+
+
+def write_source_metadata(src: Path, dst: Path) -> list[str]:
+    """``SOURCE_METADATA`` of the GGUF ``src`` at ``dst``; returns the keys kept."""
     import gguf
 
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    keys = _copy_fields(reader, w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return keys
+
+
+def _copy_fields(reader, w) -> list[str]:
+    import gguf
+
+    keys = []
+    for key, field in reader.fields.items():
+        if not key.startswith(_SOURCE_KEYS) or any(key in kv for kv in w.kv_data):
+            continue  # what the export already says of itself wins
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        keys.append(key)
+    return keys
+
+
+def _add_source_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
+    import gguf
+
+    path = Path(model_dir) / SOURCE_METADATA
+    try:
+        reader = gguf.GGUFReader(str(path))
+        n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
+    except Exception as exc:  # gguf raises bare ValueErrors/KeyErrors on a damaged file
+        raise InputError(f"{path} is not a readable GGUF tokenizer ({exc}); convert the base "
+                         "again") from None
+    if n_tokens != vocab_size:
+        raise InputError(f"{path} has {n_tokens} tokens but the model's vocab_size is "
+                         f"{vocab_size}")
+    _copy_fields(reader, w)
+    template = Path(model_dir) / "chat_template.jinja"
+    if template.is_file():  # the source GGUF has none; the checkpoint's own is what trained
+        w.add_chat_template(template.read_text(encoding="utf-8"))
+    fields = {k: f.contents() for k, f in reader.fields.items()
+              if k.startswith("tokenizer.") and not isinstance(f.contents(), list)}
+    return {"source": SOURCE_METADATA, "tokenizer_model": fields.get("tokenizer.ggml.model"),
+            "pre_tokenizer": fields.get("tokenizer.ggml.pre"), "tokens": n_tokens,
+            "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token")),
+            "chat_template": template.is_file()}
+
+
+def add_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
+    """The tokenizer of ``model_dir`` (its HF files, or ``SOURCE_METADATA`` where the checkpoint
+    was converted from a GGUF) into the writer ``w``; returns what the manifest records."""
+    import gguf
+
+    if (Path(model_dir) / SOURCE_METADATA).is_file():
+        return _add_source_vocab(w, model_dir, vocab_size)
     tok = load_tokenizer(model_dir)
     tok_cfg_path = Path(model_dir) / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}

@@ -14,7 +14,9 @@ from .imatrix import DEFAULT_ROWS, IMATRIX_QUANTS, MAX_LEN, NONE, check_imatrix
 
 # imatrix: none | auto (the adapter's training data) | a data spec of calibration rows;
 # imatrix_rows: how many of them; name: the file stem of a full-model export.
-DEFAULT_OPTIONS = {"imatrix": NONE, "imatrix_rows": DEFAULT_ROWS, "name": "model"}
+# identity: the general.* keys (export_inputs.identity), from the export stage.
+DEFAULT_OPTIONS = {"imatrix": NONE, "imatrix_rows": DEFAULT_ROWS, "name": "model",
+                   "identity": None}
 
 # Verification thresholds (GGUF in llama.cpp vs the merged model in fp32 torch, held-out tokens).
 # From measurements on SmolLM2-135M (the table: Q8_0 0.96 / 0.006, Q4_K_M 0.85 / 0.10,

@@ -126,7 +126,7 @@ def verify(model_path: str | Path, reference, thresholds: dict[str, float],
         texts = result["tokenization"]["texts"]
         problems.append(f"tokenization differs from the HF tokenizer on "
                         f"{texts - result['tokenization']['identical']} of {texts} "
-                        "held-out texts")
+                        f"held-out texts, first {result['tokenization']['mismatches'][0]!r}")
     result["problems"] = problems
     result["passed"] = not problems
     return result

@@ -118,7 +118,7 @@ def tensor_bytes(model_dir: str | Path, quant: str, plan: list[dict[str, Any]] |
 
 
 def model_writer(cfg: dict[str, Any], tokenizer_dir: Path, quant: str, name: str,
-                 plan: list[dict[str, Any]]):
+                 plan: list[dict[str, Any]], identity: dict[str, Any] | None = None):
     """A ``GGUFWriter`` holding everything but the tensor data: the metadata (hyperparameters,
     the vocabulary of ``tokenizer_dir``) and the tensor table of ``plan``. Returns (writer,
     what ``add_vocab`` records). The size prediction measures the same writer."""
@@ -128,7 +128,7 @@ def model_writer(cfg: dict[str, Any], tokenizer_dir: Path, quant: str, name: str
     arch, _ = model_arch(cfg)
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
     w.add_type(gguf.GGUFType.MODEL)
-    add_hparams(w, cfg, file_type(quant), name)
+    add_hparams(w, cfg, file_type(quant), name, identity)
     vocab = add_vocab(w, Path(tokenizer_dir), cfg["vocab_size"])
     for t in plan:
         dtype, shape, size = nbytes(t["shape"], t["qtype"])
@@ -141,7 +141,8 @@ def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
                      name: str = "edgeqlora-merged", progress: bool = False,
                      chunk_bytes: int = STREAM_CHUNK_BYTES,
                      imatrix: dict[str, Any] | None = None,
-                     plan: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                     plan: list[dict[str, Any]] | None = None,
+                     identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model_dir`` (a Hugging Face checkpoint) as one GGUF, streaming: tensor by tensor,
     each in chunks of rows. Direct types (f32/f16/bf16/q8_0/q4_0) through gguf's numpy
     quantizers; the K-quant mixes with llama.cpp's type choice and kernels (needs
@@ -162,7 +163,7 @@ def write_model_gguf(model_dir: str | Path, path: str | Path, quant: str,
         raise ConfigError(f"{model_dir}: llama.cpp's {quant} mix for this model uses a rule "
                           "the direct writer does not have; quantize an F32 GGUF with "
                           "quantize_gguf instead")
-    w, vocab = model_writer(cfg, model_dir, quant, name, plan)
+    w, vocab = model_writer(cfg, model_dir, quant, name, plan, identity)
     heads = rope_heads(cfg)
     try:
         w.write_header_to_file(path)

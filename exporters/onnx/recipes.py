@@ -229,7 +229,7 @@ def check_architecture(model_dir: Path) -> dict[str, Any]:
         raise InputError(f"{model_dir}: rope_type {sorted(rope)[0]!r} changes its frequencies "
                          "with the sequence length, which a traced ONNX graph cannot follow; "
                          "the ONNX exporter takes fixed RoPE only (default, linear, llama3, "
-                         "yarn); use the GGUF target for this model")
+                         "yarn)")
     return cfg
 
 

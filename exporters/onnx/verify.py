@@ -83,7 +83,8 @@ def verify_export(out_dir: str | Path, info: dict[str, Any], reference,
                                   "mismatches": mismatches[:5]}
         if mismatches:
             problems.append(f"tokenization differs from the HF tokenizer on "
-                            f"{len(mismatches)} of {len(texts)} texts")
+                            f"{len(mismatches)} of {len(texts)} texts, first "
+                            f"{mismatches[0]!r}")
         prompt = seqs[0][: max(1, min(len(seqs[0]) - 1, 32))]
         done = Completion()
         for _ in rt.complete(prompt, max_new_tokens=8, result=done):
