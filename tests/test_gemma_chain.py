@@ -52,6 +52,7 @@ def test_q8_0_export_verified_and_gated(gemma_adapter, tmp_path):
     assert fields["general.architecture"] == "gemma3"
     assert fields["tokenizer.ggml.model"] == "llama" and fields["general.license"] == "gemma"
     assert fields["tokenizer.chat_template"] == base_gemma.CHAT_TEMPLATE.read_text()
+    assert not (out / "source_metadata.gguf").exists()  # the GGUF holds its vocabulary
 
 
 def test_runtime_renders_gemma_turns_as_training(gemma_adapter, tmp_path):

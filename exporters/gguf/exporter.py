@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgeqlora.artifacts import TOKENIZER_FILES
+from edgeqlora.artifacts import SHIPPED_TOKENIZER_FILES
 from edgeqlora.errors import ConfigError
 
 from . import common
@@ -125,7 +125,7 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
     back = info["readback"] = read_back(model_file)
     info["quant_mix"] = back["types"]
     info["tensor_count"] = back["tensor_count"]
-    for fname in TOKENIZER_FILES + ("generation_config.json", "config.json"):
+    for fname in SHIPPED_TOKENIZER_FILES + ("generation_config.json", "config.json"):
         if (model_dir / fname).is_file():
             shutil.copy(model_dir / fname, out_dir / fname)
     (out_dir / "Modelfile").write_text(modelfile(model_dir, model_file.name,

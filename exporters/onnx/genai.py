@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeqlora.artifacts import TOKENIZER_FILES
+from edgeqlora.artifacts import SHIPPED_TOKENIZER_FILES
 
 from .recipes import GENAI_CONFIG, GENAI_TYPES, MODEL_FILE, read_config
 
@@ -75,7 +75,7 @@ def write_genai_config(model_dir: Path, out_dir: Path, dims: dict[str, Any],
 
 def copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
     copied = []
-    for name in TOKENIZER_FILES + ("generation_config.json", "config.json"):
+    for name in SHIPPED_TOKENIZER_FILES + ("generation_config.json", "config.json"):
         if (Path(model_dir) / name).is_file():
             shutil.copy(Path(model_dir) / name, Path(out_dir) / name)
             copied.append(name)
