@@ -31,10 +31,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "added_tokens.json",
                    # exporters.gguf.metadata.SOURCE_METADATA: the vocabulary of a base that was
                    # converted from a GGUF, as llama.cpp reads it
-                   "source_metadata.gguf")
+                   "source_metadata.json")
 # What an export ships beside its model: the tokenizer files less the GGUF vocabulary sidecar,
 # which only the GGUF writer reads (a GGUF export holds the vocabulary itself).
-SHIPPED_TOKENIZER_FILES = tuple(f for f in TOKENIZER_FILES if f != "source_metadata.gguf")
+SHIPPED_TOKENIZER_FILES = tuple(f for f in TOKENIZER_FILES if f != "source_metadata.json")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -50,7 +50,7 @@ INSTALL_HINT = "make gemma3 (or pip install 'edgeqlora[gemma3]')"
 CHAT_TEMPLATE = Path(__file__).resolve().parent / "assets" / "gemma3_chat_template.jinja"
 END_OF_TURN = "<end_of_turn>"
 # Bump when the conversion changes: caches written by an older converter are rebuilt.
-CONVERTER_VERSION = 2  # 2: source_metadata.gguf (the vocabulary as llama.cpp reads it)
+CONVERTER_VERSION = 3  # 3: source_metadata.json (the vocabulary as llama.cpp reads it)
 
 # What llama.cpp (src/llama-model.cpp, LLM_ARCH_GEMMA3) uses where the GGUF has no key:
 # the local (sliding-layer) RoPE base is hard-coded to 10000 with no scaling; five sliding

@@ -14,10 +14,19 @@ from edgeqlora.errors import InputError
 pytestmark = pytest.mark.skipif(not has_module("llama_cpp"), reason="needs llama-cpp-python")
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEQLORA_HOME", str(tmp_path / "home"))
-    return tmp_path
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A model cache of this module's own; the tiny Llama GGUF is converted once in it (the
+    last test refuses and removes that conversion)."""
+    root = tmp_path_factory.mktemp("gguf-base")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEQLORA_HOME", str(root / "home"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(home, tokenizer_dir):
+    return _gguf(home, tokenizer_dir)
 
 
 def _gguf(tmp_path, tokenizer_dir, arch="llama"):
@@ -29,7 +38,7 @@ def _gguf(tmp_path, tokenizer_dir, arch="llama"):
     return src, path
 
 
-def test_a_gguf_file_becomes_the_same_model(home, tokenizer_dir):
+def test_a_gguf_file_becomes_the_same_model(llama_gguf):
     """F32 GGUF of a tiny Llama with SmolLM2's tokenizer -> checkpoint: every weight equal to
     the model the file was written from, the tokenizer llama.cpp's, cached on the second use."""
     import torch
@@ -37,7 +46,7 @@ def test_a_gguf_file_becomes_the_same_model(home, tokenizer_dir):
 
     from edgeqlora.artifacts import read_json
 
-    src, path = _gguf(home, tokenizer_dir)
+    src, path = llama_gguf
     out = resolve_base(str(path))
     assert out.parent.name == "models" and out.name.startswith("gguf-tiny-llama.f32-")
     want, got = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
@@ -58,8 +67,8 @@ def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused(home, tokenizer_dir
                                          r"bases: llama with the smollm BPE") as err:
         resolve_base(str(path))
     assert "\n" not in str(err.value)
-    assert not (home / "home" / "models").exists() or \
-        not any((home / "home" / "models").iterdir())
+    assert not any(p.name.startswith("gguf-tiny-qwen2") for p in
+                   (home / "home" / "models").glob("*"))
 
 
 def test_a_file_that_is_not_gguf_is_one_line(home):
@@ -70,12 +79,13 @@ def test_a_file_that_is_not_gguf_is_one_line(home):
     assert "\n" not in str(err.value)
 
 
-def test_a_tokenizer_that_splits_differently_is_refused_and_removed(home, tokenizer_dir,
+def test_a_tokenizer_that_splits_differently_is_refused_and_removed(home, llama_gguf,
                                                                     monkeypatch):
     """Stand-in for a converted tokenizer that disagrees with llama.cpp: one probe string's
-    ids differ. The base is refused naming the string, and the converted directory is gone."""
+    ids differ. The base is refused naming the string (checked on every resolve, the cached
+    conversion too), and the converted directory is gone."""
     real = base_gguf._ids
-    _, path = _gguf(home, tokenizer_dir)
+    _, path = llama_gguf
     monkeypatch.setattr(base_gguf, "_ids", lambda tok, text: real(tok, text)
                         + ([0] if "12345678" in text else []))
     with pytest.raises(InputError, match=r"splits '  0\.  12345678.*differently from llama\.cpp"):

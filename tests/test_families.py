@@ -1,6 +1,6 @@
 """Every model family through the training side and the GGUF exporter, on tiny random models
 (``conftest.FAMILIES``: Llama, Llama 3 RoPE, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3):
-QLoRA 2 steps -> merge -> GGUF F32 (llama.cpp's logits against transformers') -> F16, Q8_0,
+QLoRA 2 steps -> merge -> GGUF F32 (llama.cpp's logits against transformers') -> Q8_0 and
 Q4_K_M exports verified through llama.cpp -> the adapter-only GGUF applied unmerged by
 llama.cpp. The ONNX side of each family: ``tests/test_onnx_families.py``; the K-quant mix of
 each family against llama.cpp's quantizer: ``tests/test_gguf_kquant.py``."""
@@ -15,6 +15,7 @@ import pytest
 from conftest import FAMILIES, build_tiny_model, has_module
 from edgeqlora import train as train_mod
 from edgeqlora.config import build_config
+from edgeqlora.errors import InputError
 from edgeqlora.tasks import iot
 
 pytestmark = [pytest.mark.skipif(not has_module("llama_cpp"), reason="needs llama-cpp-python"),
@@ -107,7 +108,9 @@ def exported(trained, monkeypatch):
 # (Q4_K_M) and 2e-5 (Q8_0). Top-1 is not gated here: a random model's next-token distribution is
 # nearly flat, so 4-bit rounding flips near-ties (top-1 0.69-0.98 at KLD 1e-4) without meaning
 # anything; the real models' tests gate top-1.
-MAX_KLD = {"f16": 1e-4, "q8_0": 2e-3, "q4_k_m": 1e-2}
+# F16 is left out: it takes Q8_0's path (gguf's numpy quantizers), and F32 above is the exact
+# check; the suite's time goes to the families instead.
+MAX_KLD = {"q8_0": 2e-3, "q4_k_m": 1e-2}
 
 
 @pytest.mark.parametrize("quant", list(MAX_KLD))
@@ -117,7 +120,7 @@ def test_export_passes_verification(exported, tmp_path, quant):
     from edgeqlora.export import export_adapter
 
     _, _, adapter = exported
-    gates = {"min_top1": 0.99 if quant == "f16" else 0.0, "max_kld": MAX_KLD[quant]}
+    gates = {"min_top1": 0.0, "max_kld": MAX_KLD[quant]}
     m = export_adapter(adapter, tmp_path / quant, quant=quant, eval_tokens=128, thresholds=gates)
     check = m["verification"]
     assert check["passed"], check["problems"]
@@ -156,7 +159,6 @@ def test_configs_llama_cpp_would_run_differently_are_refused(family, change, ref
     """Settings llama.cpp hard-codes for a family (Gemma 3's layer pattern, its sliding RoPE
     base and attention scale; Gemma 2's soft-capping) or cannot express (Phi-3 longrope) are
     refused by the exporter's pre-merge check, in one line, before anything is written."""
-    from edgeqlora.errors import InputError
     from edgeqlora.exporters import gguf as G
 
     base = build_tiny_model(tmp_path / "base", tokenizer_dir, arch=family)
@@ -173,14 +175,15 @@ def test_configs_llama_cpp_would_run_differently_are_refused(family, change, ref
 
 def test_vocabulary_of_a_converted_gguf_is_copied_back(tmp_path, tokenizer_dir):
     """A checkpoint converted from a GGUF keeps that GGUF's tokenizer keys beside it
-    (``source_metadata.gguf``, how the embedded Gemma 3 carries its SentencePiece vocabulary):
+    (``source_metadata.json``, how the embedded Gemma 3 carries its SentencePiece vocabulary):
     the export writes them back verbatim, and llama.cpp tokenizes the export like the source."""
     import gguf
     from llama_cpp import Llama
 
     from edgeqlora.base import embedded_gguf_path
     from edgeqlora.exporters import gguf as G
-    from edgeqlora.exporters.gguf.metadata import SOURCE_METADATA, write_source_metadata
+    from edgeqlora.exporters.gguf.metadata import (SOURCE_METADATA, read_source_metadata,
+                                                   write_source_metadata)
 
     source = embedded_gguf_path()  # SmolLM2's own GGUF: the tiny model shares its vocabulary
     base = build_tiny_model(tmp_path / "base", tokenizer_dir)
@@ -188,13 +191,18 @@ def test_vocabulary_of_a_converted_gguf_is_copied_back(tmp_path, tokenizer_dir):
     assert "tokenizer.ggml.tokens" in keys and "general.license" in keys
     info = G.write_model_gguf(base, tmp_path / "model.gguf", "f32")
     assert info["vocab"]["source"] == SOURCE_METADATA
-    src, out = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    kept = read_source_metadata(base / SOURCE_METADATA)
+    out = gguf.GGUFReader(str(tmp_path / "model.gguf"))
     for key in keys:
-        assert out.fields[key].contents() == src.fields[key].contents(), key
+        if key.startswith("tokenizer."):  # general.* of the export is its own (identity)
+            assert out.fields[key].contents() == kept[key]["value"], key
     text = "Turn on the kitchen light at 7:30 <|im_start|> 12345  ok\n\n"
     ids = [Llama(str(p), vocab_only=True, verbose=False).tokenize(text.encode(), special=True)
            for p in (source, tmp_path / "model.gguf")]
     assert ids[0] == ids[1]
+    (base / SOURCE_METADATA).write_text("{not json")
+    with pytest.raises(InputError, match="is not a readable GGUF vocabulary"):
+        G.write_model_gguf(base, tmp_path / "again.gguf", "f32")
 
 
 def test_a_tokenizer_that_disagrees_with_llama_cpp_is_refused(tmp_path, tokenizer_dir):

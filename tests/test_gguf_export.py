@@ -176,11 +176,18 @@ def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
 
 
 def test_tokenizer_files_are_the_merge_stages():
-    """The exporter copies the tokenizer files the merge stage writes: one list, in the core."""
+    """The exporters copy the tokenizer files the merge stage writes, less the GGUF vocabulary
+    sidecar only the GGUF writer reads: one list, in the core."""
     from edgeqlora import artifacts, merge
     from edgeqlora.exporters.gguf import exporter
+    from edgeqlora.exporters.gguf.metadata import SOURCE_METADATA
+    from edgeqlora.exporters.onnx import genai
 
-    assert exporter.TOKENIZER_FILES is merge.TOKENIZER_FILES is artifacts.TOKENIZER_FILES
+    assert merge.TOKENIZER_FILES is artifacts.TOKENIZER_FILES
+    assert exporter.SHIPPED_TOKENIZER_FILES is genai.SHIPPED_TOKENIZER_FILES \
+        is artifacts.SHIPPED_TOKENIZER_FILES
+    assert set(artifacts.TOKENIZER_FILES) - set(artifacts.SHIPPED_TOKENIZER_FILES) \
+        == {SOURCE_METADATA}
 
 
 def test_modelfile_renders_as_transformers(tiny, tmp_path):

@@ -75,14 +75,15 @@ def test_direct_kquant_is_llama_cpps_file(deep, tmp_path, quant, bulk):
     assert bulk in mix and "Q6_K" in mix
 
 
-# Gemma 2 has Gemma 3's tensors less the q/k norms.
-FAMILY_CASES = ["qwen2", "qwen3", "gemma3", "phi3", "llama3"]
+# Gemma 2 has Gemma 3's tensors less the q/k norms; Llama 3's extra rope_freqs is 1-D F32 (its
+# bytes are checked by tests/test_families.py's F32 run in llama.cpp).
+FAMILY_CASES = ["qwen2", "qwen3", "gemma3", "phi3"]
 
 
 @pytest.mark.parametrize("case", ["untied", "fallback", *FAMILY_CASES])
 def test_direct_q4_k_m_other_shapes(case, tmp_path, tokenizer_dir):
     """The families' own tensors too: Qwen3's and Gemma 3's q/k norms, Gemma's extra norms
-    (stored as 1 + w), Phi-3's fused attn_qkv (a type up in the mix), Llama 3's rope_freqs."""
+    (stored as 1 + w), Phi-3's fused attn_qkv (typed as attn_v)."""
     wide = dict(hidden=256, intermediate=512)
     shape = {"untied": dict(tie=False, **wide),
              # 96-wide rows: K types fall back (Q5_0; Q8_0 for the head), as SmolLM2's 576.

@@ -323,64 +323,72 @@ def adds_eos(tokenizer, tok_cfg: dict[str, Any]) -> bool:
     return eos is not None and len(ids) > 1 and ids[-1] == eos
 
 
-# Beside a checkpoint converted from a GGUF (the embedded Gemma 3): that GGUF's tokenizer and
-# identity keys, as a GGUF without tensors. A SentencePiece vocabulary (tokens, scores, types)
-# cannot be rebuilt from tokenizer.json, so the export copies it back verbatim: the device then
-# tokenizes exactly as llama.cpp did on the original file.
-SOURCE_METADATA = "source_metadata.gguf"
+# Beside a checkpoint converted from a GGUF (the embedded Gemma 3, a base=FILE.gguf): that
+# GGUF's tokenizer and identity keys, as JSON (gguf's reader parses a 262k-entry vocabulary in
+# Python for ~30 s; JSON loads it in well under one). A SentencePiece vocabulary (tokens, scores,
+# types) cannot be rebuilt from tokenizer.json, so the export writes it back verbatim: the
+# device then tokenizes exactly as llama.cpp did on the original file.
+SOURCE_METADATA = "source_metadata.json"
 _SOURCE_KEYS = ("tokenizer.", "general.basename", "general.size_label", "general.license",
                 "general.tags")
 
 
 def write_source_metadata(src: Path, dst: Path) -> list[str]:
-    """``SOURCE_METADATA`` of the GGUF ``src`` at ``dst``; returns the keys kept."""
+    """``SOURCE_METADATA`` of the GGUF ``src`` at ``dst``: key -> its GGUF value type, element
+    type (arrays) and value. Returns the keys kept."""
     import gguf
 
-    reader = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    keys = _copy_fields(reader, w)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
-    return keys
-
-
-def _copy_fields(reader, w) -> list[str]:
-    import gguf
-
-    keys = []
-    for key, field in reader.fields.items():
-        if not key.startswith(_SOURCE_KEYS) or any(key in kv for kv in w.kv_data):
-            continue  # what the export already says of itself wins
+    entries = {}
+    for key, field in gguf.GGUFReader(str(src)).fields.items():
+        if not key.startswith(_SOURCE_KEYS):
+            continue
         vtype = gguf.GGUFValueType(field.types[0])
         sub = gguf.GGUFValueType(field.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
-        keys.append(key)
-    return keys
+        entries[key] = {"type": vtype.name, "sub_type": sub.name if sub else None,
+                        "value": field.contents()}
+    Path(dst).write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    return list(entries)
+
+
+def read_source_metadata(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(entries, dict) or not isinstance(
+                entries["tokenizer.ggml.tokens"]["value"], list):
+            raise ValueError("no tokenizer.ggml.tokens list")
+        return entries
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a readable GGUF vocabulary ({exc}); convert the base "
+                         "again") from None
+
+
+def _copy_fields(entries: dict[str, dict[str, Any]], w) -> None:
+    import gguf
+
+    for key, e in entries.items():
+        if any(key in kv for kv in w.kv_data):
+            continue  # what the export already says of itself wins
+        sub = gguf.GGUFValueType[e["sub_type"]] if e.get("sub_type") else None
+        w.add_key_value(key, e["value"], gguf.GGUFValueType[e["type"]], sub_type=sub)
 
 
 def _add_source_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
-    import gguf
-
-    path = Path(model_dir) / SOURCE_METADATA
-    try:
-        reader = gguf.GGUFReader(str(path))
-        n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
-    except Exception as exc:  # gguf raises bare ValueErrors/KeyErrors on a damaged file
-        raise InputError(f"{path} is not a readable GGUF tokenizer ({exc}); convert the base "
-                         "again") from None
+    entries = read_source_metadata(Path(model_dir) / SOURCE_METADATA)
+    n_tokens = len(entries["tokenizer.ggml.tokens"]["value"])
     if n_tokens != vocab_size:
-        raise InputError(f"{path} has {n_tokens} tokens but the model's vocab_size is "
-                         f"{vocab_size}")
-    _copy_fields(reader, w)
+        raise InputError(f"{Path(model_dir) / SOURCE_METADATA} has {n_tokens} tokens but the "
+                         f"model's vocab_size is {vocab_size}")
+    _copy_fields(entries, w)
     template = Path(model_dir) / "chat_template.jinja"
     if template.is_file():  # the source GGUF has none; the checkpoint's own is what trained
         w.add_chat_template(template.read_text(encoding="utf-8"))
-    fields = {k: f.contents() for k, f in reader.fields.items()
-              if k.startswith("tokenizer.") and not isinstance(f.contents(), list)}
-    return {"source": SOURCE_METADATA, "tokenizer_model": fields.get("tokenizer.ggml.model"),
-            "pre_tokenizer": fields.get("tokenizer.ggml.pre"), "tokens": n_tokens,
-            "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token")),
+
+    def value(key: str):
+        return (entries.get(key) or {}).get("value")
+
+    return {"source": SOURCE_METADATA, "tokenizer_model": value("tokenizer.ggml.model"),
+            "pre_tokenizer": value("tokenizer.ggml.pre"), "tokens": n_tokens,
+            "add_bos_token": bool(value("tokenizer.ggml.add_bos_token")),
             "chat_template": template.is_file()}
 
 
