@@ -1,8 +1,8 @@
 """Every model family through the training side and the GGUF exporter, on tiny random models
 (``conftest.FAMILIES``: Llama, Llama 3 RoPE, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3):
 QLoRA 2 steps -> merge -> GGUF F32 (llama.cpp's logits against transformers') -> Q8_0 and
-Q4_K_M exports verified through llama.cpp -> the adapter-only GGUF applied unmerged by
-llama.cpp. The ONNX side of each family: ``tests/test_onnx_families.py``; the K-quant mix of
+Q4_K_M exports verified through llama.cpp, the chat template rendered by the runtime as by
+transformers -> the adapter-only GGUF applied unmerged by llama.cpp. The ONNX side of each family: ``tests/test_onnx_families.py``; the K-quant mix of
 each family against llama.cpp's quantizer: ``tests/test_gguf_kquant.py``."""
 
 from __future__ import annotations
@@ -125,6 +125,27 @@ def test_export_passes_verification(exported, tmp_path, quant):
     check = m["verification"]
     assert check["passed"], check["problems"]
     assert check["tokens"] > 50 and check["tokenization"]["mismatches"] == []
+    if quant == "q8_0":
+        _check_chat_template(tmp_path / quant)
+
+
+def _check_chat_template(export_dir) -> None:
+    """The export's chat template, rendered by the torch-free runtime, gives the ids
+    transformers' ``apply_chat_template`` gives the checkpoint (what training saw)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from edgeqlora.runtimes import load
+
+    messages = [{"role": "system", "content": "You control a smart home."},
+                {"role": "user", "content": "Dim the hallway lamp to 40 %"},
+                {"role": "assistant", "content": '{"device": "lamp", "value": 40}'},
+                {"role": "user", "content": "and the kitchen?"}]
+    # As the files say (see ``exported``): transformers' Qwen2 class would re-tokenize.
+    tok = PreTrainedTokenizerFast.from_pretrained(export_dir)
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    with load(export_dir) as runtime:
+        assert runtime.chat_ids(messages) == want
 
 
 def test_adapter_only_gguf_applied_by_llama_cpp(exported, tmp_path):
