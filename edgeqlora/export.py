@@ -405,9 +405,12 @@ class _Gate:
             except ParityError:
                 report = json.loads((report_dir / "parity.json").read_text())
             name = next(iter(report.get("candidates", {})), None)
+            metrics = report.get("candidates", {}).get(name)
+            runtime = (metrics or {}).get("runtime") or {}
+            if runtime.get("path"):  # the scratch copy it was gated in: name the file instead
+                runtime["path"] = Path(runtime["path"]).name
             entry = {"passed": report.get("passed"), "thresholds": report.get("thresholds"),
-                     "failures": report.get("failures", {}).get(name),
-                     "metrics": report.get("candidates", {}).get(name),
+                     "failures": report.get("failures", {}).get(name), "metrics": metrics,
                      "reference": report.get("reference")}
             manifest = _rewrite_manifest(export_dir, manifest, parity=entry)
         finally:

@@ -513,6 +513,8 @@ def test_export_runs_parity_gate_by_default(tiny, tmp_path, capsys):
     gate = _manifest(out)["parity"]
     assert gate["passed"] is True
     assert gate["metrics"]["all"]["tokens"] > 0
+    # The file as shipped, not the scratch copy it was gated in.
+    assert gate["metrics"]["runtime"]["path"] == "model.f16.gguf"
     assert "parity vs trained" in capsys.readouterr().out
 
 
