@@ -73,6 +73,9 @@ class Config:
     base: str = "embedded"
     data: str = "embedded:iot"
     eval_data: str = ""
+    # The JSON Schema of the answers (a .json file; the embedded task has its own; "none" for
+    # none): the adapter and every export carry it, run/serve constrain decoding to it.
+    schema: str = ""
     # 4-bit base (bitsandbytes): nf4 | fp4, or int8 / none to compare; or the exact base a device
     # runs (device-aware QLoRA, edgeqlora.device_base): gguf-q4_k_m, gguf-q4_0, gguf-q8_0, ...
     quant: str = "nf4"

@@ -55,6 +55,7 @@ from .artifacts import (atomic_dir, check_apart, export_failures, prepare_output
                         read_json, remove_stale_siblings, scratch_dir, versions, write_manifest)
 from .errors import (ConfigError, EdgeQloraError, ExportError, InputError,
                      ParityError)
+from .schema import write_schema
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ VERSIONS = ("edgeqlora", "gguf", "llama_cpp_python", "onnx", "onnxruntime", "onn
             "onnxruntime-genai", "torch", "transformers", "peft", "bitsandbytes", "safetensors",
             "tokenizers")
 MANIFEST_ORDER = ("target", "quant", "quant_mix", "adapter_only", "device_aware", "merge",
-                  "verification",
+                  "schema", "verification",
                   "exporter", "source", "versions", "parity")
 
 
@@ -225,9 +226,11 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                 lora = inputs.lora_arrays(adapter)
             reference = inputs.merged_reference(merged, adapter.manifest, eval_tokens,
                                                 known=getattr(result, "logits", None))
+        schema, schema_source = inputs.answer_schema(adapter)
         base_record = {
             "target": target,
             "adapter_only": adapter_only,
+            "schema": {"json_schema": schema, "source": schema_source} if schema else None,
             "device_aware": trained_quant is not None,
             "merge": merge_record,
             "source": {
@@ -333,6 +336,9 @@ def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any],
     info = job.exporter.write_export(job.model_dir, tmp, quant, lora=job.lora,
                                      calibration=job.calibration, progress=job.progress,
                                      **kwargs, **job.options)
+    schema = base_record.get("schema") or {}
+    base_record = {**base_record, "schema": {"file": write_schema(tmp, schema["json_schema"]),
+                                             "source": schema["source"]} if schema else None}
     if job.check is not None:
         job.check(tmp, info)
     check = _fail_closed(job.exporter.verify_export(tmp, info, job.reference, job.thresholds))

@@ -193,3 +193,18 @@ def identity(adapter) -> dict[str, Any]:
         out["base_model"].update(organization=org, repo_url=f"https://huggingface.co/{repo}")
     return out
 
+
+
+def answer_schema(adapter) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON Schema an export carries: the adapter's ``schema.json``, or for an adapter
+    written before adapters carried one, what its training config resolves to (the embedded
+    task's schema); (None, None) when its answers have none."""
+    from .schema import read_schema, resolve
+
+    record = adapter.manifest.get("schema") or {}
+    own = read_schema(adapter.dir)
+    if own is not None:
+        return own, record.get("source")
+    if "schema" in adapter.manifest:  # trained with schema=none, or a dataset without one
+        return None, None
+    return resolve(str((adapter.manifest.get("data") or {}).get("spec") or ""), "")

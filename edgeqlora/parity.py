@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from .constrained_eval import answers
 from .errors import InputError, ParityError
 from .metrics import distinct_positions, kl_divergence, nll, summarize
 
@@ -215,25 +216,37 @@ def compare(reference: Reference, candidates: Mapping[str, Any], task: TaskSet,
         "candidates": {},
     }
     for name, rt in candidates.items():
-        outs, mismatched = [], 0
-        for i, (p, ref_ids) in enumerate(zip(prompts, ref_prompt_ids)):
-            say(f"greedy answers: {name} {i + 1}/{len(prompts)}")
-            if rt.chat_ids(p, add_generation_prompt=True) != ref_ids:
-                mismatched += 1
-            outs.append(rt.chat(p, max_new_tokens=max_new_tokens, temperature=0.0).strip())
+        mismatched = sum(rt.chat_ids(p, add_generation_prompt=True) != ref_ids
+                         for p, ref_ids in zip(prompts, ref_prompt_ids))
+        got = answers(rt, prompts, max_new_tokens, getattr(rt, "json_schema", None),
+                      lambda i: say(f"greedy answers: {name} {i + 1}/{len(prompts)}"))
+        outs = got["free"]
         identical = sum(a == b for a, b in zip(outs, ref_out))
         report["candidates"][name] = {
             "runtime": rt.info() if hasattr(rt, "info") else {},
             "task": {**acc[name]["task"].summary(), "examples": len(prompts),
                      "exact_match": exact_match(outs, task),
                      "identical_answers": identical,
-                     "prompt_token_mismatches": mismatched},
+                     "prompt_token_mismatches": mismatched,
+                     # With the export's JSON schema (reported, never gated: see
+                     # constrained_eval); None when the export carries none.
+                     "constrained": _constrained(got, task)},
             "text": acc[name]["text"].summary(),
             "all": acc[name]["all"].summary(),
             "samples": [{"prompt": p[-1]["content"], "output": o}
                         for p, o in zip(prompts[:3], outs[:3])],
         }
     return report
+
+
+def _constrained(got: Mapping[str, Any], task: TaskSet) -> dict[str, Any] | None:
+    if not got["constrained"]:
+        return None
+    n = len(got["free"])
+    return {"exact_match": exact_match(got["constrained"], task),
+            "valid_json": sum(got["valid_constrained"]) / n,
+            "valid_json_unconstrained": sum(got["valid_free"]) / n,
+            "redecoded": got["redecoded"]}
 
 
 def thresholds_from(cfg) -> dict[str, float]:
@@ -294,87 +307,11 @@ def gate(report: Mapping[str, Any], thresholds: Mapping[str, float]) -> dict[str
     return failures
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
 def base_label(manifest: Mapping[str, Any]) -> str:
     """The quantized base an adapter was trained on, as a reader names it: NF4, FP4, INT8, the
     16/32-bit base for quant=none, or the device base (GGUF-Q4_K_M ...)."""
     quant = str((manifest.get("quant") or {}).get("quant") or "nf4")
     return "16/32-bit" if quant == "none" else quant.upper()
-
-
-def markdown(report: Mapping[str, Any]) -> str:
-    th = report["thresholds"]
-    ref = report["reference"]["task"]
-    lines = [
-        "# Parity report",
-        "",
-        f"Reference: `{report['settings']['reference']}` (trained "
-        f"{report['settings'].get('reference_base', 'NF4')} base + adapter, torch). "
-        f"Task: {ref['examples']} held-out examples from `{ref['source']}`; text: "
-        f"{report['settings']['text_tokens']} tokens of `edgeqlora/assets/english.txt`. Machine: "
-        f"{report['machine']['platform']}, {report['machine']['cpu_count']} CPUs.",
-        "",
-        f"Thresholds (task and text each): mean KLD <= {th['max_kld']}"
-        + (f", p99 KLD <= {th['max_p99_kld']}" if "max_p99_kld" in th else "")
-        + f", top-1 >= {th['min_top1']}, perplexity ratio <= {th['max_ppl_ratio']}"
-        + (f", exact-match retention >= {th['min_exact_match_ratio']}"
-           if "min_exact_match_ratio" in th else "") + ".",
-        "",
-        "| model | mean KLD | p99 KLD | top-1 | ppl ratio | task KLD | text KLD | exact match "
-        "| identical answers | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| reference | - | - | - | 1.0000 | - | - | {ref['exact_match']:.3f} | "
-        f"{ref['examples']}/{ref['examples']} | - |",
-    ]
-    for name, c in report["candidates"].items():
-        a, t = c["all"], c["task"]
-        verdict = "pass" if not report["failures"][name] else "FAIL"
-        lines.append(
-            f"| {name} | {_fmt(a['mean_kld'])} | {_fmt(a['p99_kld'])} | {_fmt(a['top1'])} | "
-            f"{_fmt(a['ppl_ratio'])} | {_fmt(t.get('mean_kld', float('nan')))} | "
-            f"{_fmt(c['text'].get('mean_kld', float('nan')))} | {t['exact_match']:.3f} | "
-            f"{t['identical_answers']}/{t['examples']} | {verdict} |")
-    for name, problems in report["failures"].items():
-        if problems:
-            lines += ["", f"**{name} fails:** " + "; ".join(problems) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: Mapping[str, Any], path: Path) -> None:
-    """Bar chart per candidate: mean KLD, top-1, perplexity ratio, exact match (with the
-    thresholds and the reference's exact match as lines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["candidates"])
-    th = report["thresholds"]
-    cands = report["candidates"]
-    panels = [
-        ("mean KLD (lower is better)", [cands[n]["all"]["mean_kld"] for n in names],
-         th["max_kld"], "max"),
-        ("top-1 agreement", [cands[n]["all"]["top1"] for n in names], th["min_top1"], "min"),
-        ("perplexity ratio", [cands[n]["all"]["ppl_ratio"] for n in names],
-         th["max_ppl_ratio"], "max"),
-        ("task exact match", [cands[n]["task"]["exact_match"] for n in names],
-         report["reference"]["task"]["exact_match"], "reference"),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(4 + 1.6 * 4 * max(1, len(names)) ** 0.5, 3.6))
-    for ax, (title, values, line, kind) in zip(axes, panels):
-        colors = ["#d62728" if report["failures"][n] else "#2ca02c" for n in names]
-        ax.bar(range(len(names)), values, color=colors)
-        ax.axhline(line, color="black", linestyle="--", linewidth=1, label=kind)
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle("edgeqlora parity: export vs trained model", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _machine() -> dict[str, Any]:
@@ -408,6 +345,7 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
     from . import runtimes
     from .artifacts import atomic_dir, prepare_output, read_manifest, versions
     from .config import Config, ParityConfig
+    from .parity_report import markdown, plot
 
     pcfg = cfg.parity if isinstance(cfg, Config) else (cfg or ParityConfig())
     thresholds = thresholds_from(pcfg)

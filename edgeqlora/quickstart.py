@@ -312,7 +312,12 @@ def _parity_figures(report: dict[str, Any], name: str) -> dict[str, Any]:
     """One candidate's figures in a parity report, as the summary's export rows hold them."""
     c = report.get("candidates", {}).get(name) or {}
     task, everything = c.get("task", {}), c.get("all", {})
-    return {"exact_match": task.get("exact_match"), "kld": everything.get("mean_kld"),
+    schema = task.get("constrained") or {}
+    return {"exact_match": task.get("exact_match"),
+            "exact_match_schema": schema.get("exact_match"),
+            "valid_json": schema.get("valid_json_unconstrained"),
+            "valid_json_schema": schema.get("valid_json"),
+            "kld": everything.get("mean_kld"),
             "top1": everything.get("top1"), "task_kld": task.get("mean_kld"),
             "identical_answers": task.get("identical_answers"),
             "parity_examples": task.get("examples"),
@@ -386,25 +391,27 @@ def print_table(summary: dict[str, Any]) -> None:
     # Wide enough for the table even when stdout is not a terminal (make demo | tee ...).
     console = Console(width=None if Console().is_terminal else 120)
     table = Table(title="edgeqlora quickstart")
-    for col in ("model", "size", "exact match", "KLD vs trained", "top-1 vs trained",
-                "identical answers", "decode tok/s"):
+    for col in ("model", "size", "exact match", "with schema", "KLD vs trained",
+                "top-1 vs trained", "identical answers", "decode tok/s"):
         table.add_column(col, justify="right" if col != "model" else "left")
     sizes = summary.get("sizes", {})
     table.add_row("base (fp32)", _fmt(sizes.get("fp32"), "mb"),
-                  _fmt(summary.get("base_exact_match"), "pct"), "", "", "", "")
+                  _fmt(summary.get("base_exact_match"), "pct"), "", "", "", "", "")
     table.add_row("trained (NF4 + LoRA)", ">= " + _fmt(sizes.get("nf4"), "mb"),
-                  _fmt(summary.get("trained_exact_match"), "pct"), "reference", "", "", "")
+                  _fmt(summary.get("trained_exact_match"), "pct"), "", "reference", "", "",
+                  "")
     device = summary.get("device_aware") or {}
     for row in summary.get("exports", []):
         if row.get("device_aware") and device:
             table.add_row(f"trained ({device['quant']} base + LoRA)", "",
-                          _fmt(device.get("trained_exact_match"), "pct"),
+                          _fmt(device.get("trained_exact_match"), "pct"), "",
                           "reference for the row below", "", "", "")
         if "error" in row:
-            table.add_row(row["name"], "failed", "-", "-", "-", "-", "-")
+            table.add_row(row["name"], "failed", "-", "-", "-", "-", "-", "-")
             continue
         table.add_row(row["name"], _fmt(row.get("size_bytes"), "mb"),
-                      _fmt(row.get("exact_match"), "pct"), _fmt(row.get("kld")),
+                      _fmt(row.get("exact_match"), "pct"),
+                      _fmt(row.get("exact_match_schema"), "pct"), _fmt(row.get("kld")),
                       _fmt(row.get("top1"), "pct"), _fmt(row.get("identical_answers")),
                       _fmt(row.get("decode_tokens_per_s")))
     console.print(table)

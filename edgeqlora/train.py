@@ -47,6 +47,7 @@ def train(cfg: Config, out: Path) -> Path:
     from . import qlora
     from .base import base_fingerprint, resolve_base
     from .data import load_dataset, tokenize_dataset
+    from .schema import resolve as resolve_schema
 
     out = Path(out)
     ddp = Distributed.from_env()
@@ -64,6 +65,7 @@ def train(cfg: Config, out: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     train_data = load_dataset(cfg.data)
+    schema, schema_source = resolve_schema(cfg.data, cfg.schema)
     train_tok = tokenize_dataset(tokenizer, train_data.rows, cfg.max_len)
     eval_rows = _eval_rows(cfg)
     eval_tok = tokenize_dataset(tokenizer, eval_rows, cfg.max_len).examples if eval_rows else []
@@ -223,7 +225,7 @@ def train(cfg: Config, out: Path) -> Path:
     adapter = out / "adapter"
     if ddp.is_main:
         _write_adapter(adapter, model, cfg, base_path, base_fingerprint(base_path, cfg.base),
-                       train_data, train_tok, summary)
+                       train_data, train_tok, summary, (schema, schema_source))
         final_table(summary, history)
     ddp.barrier()
     ddp.close()
@@ -338,13 +340,15 @@ def _peak_memory_mb() -> float:
 
 
 def _write_adapter(adapter: Path, model, cfg: Config, base_path: Path, fingerprint: dict,
-                   train_data, train_tok, summary: dict) -> None:
+                   train_data, train_tok, summary: dict, schema=(None, None)) -> None:
     """PEFT's own format (``PeftModel.from_pretrained`` loads it) plus the manifest, atomically."""
     from . import qlora
     from .artifacts import atomic_dir, versions, write_manifest
+    from .schema import write_schema
 
     with atomic_dir(adapter, force=True, what="adapter") as tmp:
         model.save_pretrained(tmp)
+        schema_file = write_schema(tmp, schema[0])
         write_manifest(tmp, "adapter", {
             "base": {"spec": cfg.base, "path": str(Path(base_path).resolve()),
                      "weights_sha256": fingerprint["weights_sha256"],
@@ -356,6 +360,7 @@ def _write_adapter(adapter: Path, model, cfg: Config, base_path: Path, fingerpri
                      "skipped": {**train_data.skipped,
                                  **({"too_long": train_tok.dropped_too_long}
                                     if train_tok.dropped_too_long else {})}},
+            "schema": {"file": schema_file, "source": schema[1]} if schema_file else None,
             "metrics": jsonable(summary),
             "config": to_dict(cfg),
             "versions": versions("edgeqlora", "torch", "transformers", "peft", "bitsandbytes",

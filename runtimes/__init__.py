@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from edgeqlora.artifacts import MANIFEST, check_usable_export, read_manifest, sha256_file
 from edgeqlora.errors import InputError, ManifestError
+from edgeqlora.schema import read_schema
 
 from .base import Completion, Runtime, default_threads
 
@@ -137,7 +138,12 @@ def load(path: str | Path, verify: bool = False, allow_failed: bool = False,
         if adapter is not None:
             # An adapter-only export: the base plus a LoRA file the runtime applies at load.
             kwargs.setdefault("lora_path", adapter)
-        return loader(model, export_dir=p, manifest=manifest, **kwargs)
+        runtime = loader(model, export_dir=p, manifest=manifest, **kwargs)
+        # The schema the model's answers follow (schema.json, listed in the manifest's files and
+        # so size- and hash-checked with them): what run/serve constrain decoding to by default.
+        runtime.json_schema = read_schema(p) if (manifest.get("schema") or {}).get("file") \
+            else None
+        return runtime
     from .gguf import is_gguf
 
     if is_gguf(p):

@@ -1,10 +1,12 @@
 """What every runtime shares: the interface, argument checks, text streaming with stop strings.
 
-A backend (``gguf.py``, later ``onnx.py``) subclasses :class:`Runtime` and supplies five small
+A backend (``gguf.py``, ``onnx.py``) subclasses :class:`Runtime` and supplies a few small
 things: ``tokenize``, ``detokenize``, ``logits``, ``_token_stream`` (token ids from a prompt, the
-backend's own sampler) and ``_piece`` / ``_is_eog`` (the bytes of one token, end-of-generation
-ids). Everything users call on top of that (``generate``, ``chat``, streaming, stop strings,
-finish reasons, token counts) is written once here so that all formats behave the same.
+backend's own sampler), ``_logit_steps`` (next-token logits, one step at a time, for constrained
+decoding), ``_ll_tokenizer`` (its vocabulary for llguidance) and ``_piece`` / ``_is_eog`` (the
+bytes of one token, end-of-generation ids). Everything users call on top of that (``generate``,
+``chat``, streaming, stop strings, finish reasons, token counts, ``json_schema``) is written once
+here so that all formats behave the same.
 
 One runtime object holds one model context and is not thread-safe: a server serialises requests.
 """
@@ -13,20 +15,23 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from edgeqlora.errors import InputError
 
 from .chat_template import ChatTemplate
+from .constrain import ANY_OBJECT, Grammar, allowed_mask, load_schema, schema_error
 
 # Refuse absurd requests before they reach C code: a typo like max_new_tokens=10**9 should fail
 # with a message, not allocate.
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+GRAMMAR_CACHE = 8  # compiled JSON schemas kept per runtime
 
 
 def default_threads() -> int:
@@ -128,6 +133,28 @@ def check_sampling(max_new_tokens: Any = 256, temperature: Any = 0.0, top_p: Any
                     seed=None if seed is None else int(seed), stop=stops)
 
 
+def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """One token from next-token ``logits``: argmax at temperature 0, else top-k, top-p and a
+    draw (HF's order: temperature, top-k, top-p). Masked tokens are ``-inf``."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / sampling.temperature
+    if 0 < sampling.top_k < x.shape[-1]:
+        kth = np.partition(x, -sampling.top_k)[-sampling.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        # Keep the smallest set whose mass reaches top_p (always at least one token).
+        keep = order[: int(np.searchsorted(cum, sampling.top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(p.shape[-1], p=p))
+
+
 class StopStream:
     """Turn a stream of token bytes into text pieces, cutting at the first stop string.
 
@@ -185,6 +212,9 @@ class Runtime:
     vocab_size: int
     n_ctx: int
     chat_template: ChatTemplate | None = None
+    # The JSON Schema of the model's answers when its export carries one (``runtimes.load``);
+    # run/serve use it by default. generate()/chat() never apply it unasked.
+    json_schema: dict[str, Any] | None = None
 
     # backend methods
 
@@ -202,6 +232,15 @@ class Runtime:
         raise NotImplementedError
 
     def _token_stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+        raise NotImplementedError
+
+    def _logit_steps(self, prompt_ids: list[int]) -> Generator[np.ndarray, int, None]:
+        """Yield the next-token logits ``[vocab_size]`` after the prompt; ``send(token)`` appends
+        that token and yields the logits after it."""
+        raise NotImplementedError
+
+    def _ll_tokenizer(self) -> Any:
+        """This model's vocabulary as an ``llguidance.LLTokenizer`` (built once, then cached)."""
         raise NotImplementedError
 
     def _piece(self, token: int) -> bytes:
@@ -255,12 +294,33 @@ class Runtime:
         return self.tokenize(self.render_chat(messages, add_generation_prompt, **kwargs),
                              special=True)
 
+    def grammar(self, json_schema: Any) -> Grammar:
+        """The compiled grammar of ``json_schema`` (a mapping, a JSON string, a file path, or
+        ``"json_object"`` for any one object) for this model's vocabulary; the last few are
+        cached, a server compiles each request's schema once."""
+        if isinstance(json_schema, Grammar):
+            return json_schema
+        schema = ANY_OBJECT if json_schema == "json_object" else load_schema(json_schema)
+        key = json.dumps(schema, sort_keys=True)
+        cache = self.__dict__.setdefault("_grammars", {})
+        grammar = cache.pop(key, None)
+        if grammar is None:
+            grammar = Grammar(schema, self._ll_tokenizer())
+        cache[key] = grammar
+        while len(cache) > GRAMMAR_CACHE:
+            cache.pop(next(iter(cache)))
+        return grammar
+
     def complete(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 result: Completion | None = None) -> Iterator[str]:
-        """Stream text pieces; fills ``result`` (finish reason, token counts) as it goes."""
+                 result: Completion | None = None, json_schema: Any = None) -> Iterator[str]:
+        """Stream text pieces; fills ``result`` (finish reason, token counts) as it goes.
+
+        ``json_schema`` (see :meth:`grammar`) constrains the text to one JSON value the schema
+        accepts (``constrain.py``); the text ends when the value is complete."""
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        grammar = None if json_schema is None else self.grammar(json_schema)
         if isinstance(prompt, str):
             if not prompt:
                 raise InputError("the prompt is empty")
@@ -272,15 +332,21 @@ class Runtime:
                              f"n_ctx={self.n_ctx}, which leaves no room to generate")
         result = result if result is not None else Completion()
         result.prompt_tokens = len(ids)
-        return self._complete(ids, sampling, result)
+        return self._complete(ids, sampling, result, grammar)
 
-    def _complete(self, ids: list[int], sampling: Sampling, result: Completion) -> Iterator[str]:
+    def _complete(self, ids: list[int], sampling: Sampling, result: Completion,
+                  grammar: Grammar | None = None) -> Iterator[str]:
         budget = min(sampling.max_new_tokens, self.n_ctx - len(ids))
         stream = StopStream(sampling.stop)
         result.finish_reason = "length"
         result.token_ids = []
         pieces = []
-        tokens = self._token_stream(ids, sampling)
+        matcher = None
+        if grammar is None:
+            tokens = self._token_stream(ids, sampling)
+        else:
+            matcher = grammar.matcher()
+            tokens = self._constrained_stream(ids, sampling, matcher)
         try:
             for n, token in enumerate(tokens):
                 if self._is_eog(token):
@@ -297,6 +363,8 @@ class Runtime:
                     break
                 if n + 1 >= budget:
                     break
+            if matcher is not None and matcher.is_stopped():
+                result.finish_reason = "stop"  # the JSON value is complete
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
@@ -307,31 +375,60 @@ class Runtime:
             yield tail
         result.text = "".join(pieces)
 
+    def _constrained_stream(self, ids: list[int], sampling: Sampling,
+                            matcher: Any) -> Iterator[int]:
+        """Tokens the matcher accepts: the unconstrained pick when the grammar accepts it, else
+        the pick among the mask's tokens (``constrain.py`` says why). Ends when the matcher is
+        stopped."""
+        rng = np.random.default_rng(sampling.seed)
+        steps = self._logit_steps(ids)
+        try:
+            logits = next(steps)
+            while True:
+                token = sample(logits, sampling, rng)
+                if matcher.try_consume_tokens([token]) != 1:
+                    mask = allowed_mask(matcher, logits.shape[-1])
+                    if not mask.any():
+                        raise InputError(f"constrained decoding is stuck: {schema_error(matcher)}")
+                    token = sample(np.where(mask, logits, -np.inf), sampling, rng)
+                    if not matcher.consume_token(token):
+                        raise InputError(f"constrained decoding failed: {schema_error(matcher)}")
+                yield token
+                if matcher.is_stopped():
+                    return
+                logits = steps.send(token)
+        except StopIteration:  # the context window is full
+            return
+        finally:
+            steps.close()
+
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 stream: bool = False):
+                 stream: bool = False, json_schema: Any = None):
         """Continue ``prompt`` (text, tokenized with special tokens, or token ids).
 
         Returns the generated text, or with ``stream=True`` an iterator of text pieces whose
         concatenation is that text. Greedy by default; with ``temperature > 0`` the same
-        ``seed`` gives the same text.
+        ``seed`` gives the same text. ``json_schema``: see :meth:`complete`.
         """
         pieces = self.complete(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+                               top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                               json_schema=json_schema)
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop: str | Sequence[str] | None = None,
-             stream: bool = False):
+             stream: bool = False, json_schema: Any = None):
         """Apply the model's chat template (with the assistant prompt) and generate the reply."""
         prompt_ids = self.chat_ids(messages, add_generation_prompt=True)
         return self.generate(prompt_ids, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                             stop=stop, stream=stream)
+                             stop=stop, stream=stream, json_schema=json_schema)
 
     def info(self) -> dict[str, Any]:
         """What a status page or a manifest shows about this runtime."""
         return {"runtime": self.name, "path": str(self.path), "vocab_size": self.vocab_size,
-                "n_ctx": self.n_ctx, "chat_template": self.chat_template is not None}
+                "n_ctx": self.n_ctx, "chat_template": self.chat_template is not None,
+                "json_schema": self.json_schema is not None}

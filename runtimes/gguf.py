@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -274,6 +274,39 @@ class GGUFRuntime(Runtime):
                                   min_p=0.0, typical_p=1.0, temp=sampling.temperature,
                                   repeat_penalty=1.0, frequency_penalty=0.0,
                                   presence_penalty=0.0)
+
+    def _logit_steps(self, prompt_ids: list[int]) -> Generator[np.ndarray, int, None]:
+        llm = self._llm
+        keep = 0
+        if self.prompt_cache:
+            # The KV cache of the longest prefix shared with what was decoded last (at least one
+            # token is decoded again: its logits are the first step's).
+            cached = llm.input_ids[:llm.n_tokens].tolist()
+            while keep < min(len(cached), len(prompt_ids) - 1) \
+                    and cached[keep] == prompt_ids[keep]:
+                keep += 1
+        if keep:
+            llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+            llm.n_tokens = keep
+        else:
+            llm.reset()
+        llm.eval(prompt_ids[keep:])
+        while True:
+            # eval() asks for the last position's logits only: row 0 of the output.
+            token = yield np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(self.vocab_size,))
+            llm.eval([token])
+
+    def _ll_tokenizer(self) -> Any:
+        if self.__dict__.get("_lltok") is None:
+            from .constrain import _llguidance
+
+            _llguidance()
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            eog = [t for t in range(self.vocab_size) if self._is_eog(t)]
+            self._lltok = lltokenizer_from_vocab(self._vocab, n_vocab=self.vocab_size,
+                                                 eos_token=eog or None)
+        return self._lltok
 
     def reset(self) -> None:
         """Forget the cached prompt (benchmarks use this to time prefill from scratch)."""

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from edgeqlora.errors import InputError, MissingDependencyError, require
 
-from .base import Runtime, Sampling, default_threads
+from .base import Runtime, Sampling, default_threads, sample
 from .chat_template import ChatTemplate
 from .gguf import read_tokenizer_files
 
@@ -61,7 +61,7 @@ class ONNXRuntime(Runtime):
     def __init__(self, model_path: str | Path, export_dir: str | Path | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None,
                  providers: Sequence[str] | None = None, n_batch: int = DEFAULT_N_BATCH,
-                 lora_path: Any = None, lora_scale: float = 1.0):
+                 lora_path: Any = None, lora_scale: float = 1.0, prompt_cache: bool = False):
         if lora_scale != 1.0:
             raise InputError(f"lora_scale={lora_scale}: onnxruntime adapters are applied as "
                              "exported (no scale); re-export the adapter instead")
@@ -139,6 +139,11 @@ class ONNXRuntime(Runtime):
         self._special_ids = {int(t["id"]) for t in spec.get("added_tokens", [])
                              if t.get("special")}
         self._piece_cache: dict[int, bytes] = {}
+        # prompt_cache: the KV cache of the last generation (its tokens and present tensors);
+        # a prompt that starts with the same tokens decodes only the rest (as the GGUF runtime
+        # does, with the same caveat: kernels round a split batch differently).
+        self.prompt_cache = bool(prompt_cache)
+        self._kv: tuple[list[int], dict[str, np.ndarray]] | None = None
 
         files = read_tokenizer_files(self.export_dir)
         self.special_tokens = {k: v for k, v in files.items() if k.endswith("_token")}
@@ -251,19 +256,58 @@ class ONNXRuntime(Runtime):
         ids = self.check_ids(token_ids)
         return np.ascontiguousarray(self._prefill(ids)[0], dtype=np.float32)
 
+    def _logit_steps(self, prompt_ids: list[int]) -> Generator[np.ndarray, int, None]:
+        keep = 0
+        if self.prompt_cache and self._kv is not None:
+            cached, kv = self._kv
+            while keep < min(len(cached), len(prompt_ids) - 1) \
+                    and cached[keep] == prompt_ids[keep]:
+                keep += 1
+        if keep:
+            past = {n: np.ascontiguousarray(a[:, :, :keep]) for n, a in self._kv[1].items()}
+            last, past = self._run(prompt_ids[keep:], past, keep)
+            last = last[-1]
+        else:
+            logits, past = self._prefill(prompt_ids)
+            last = logits[-1]
+        seen = list(prompt_ids)
+        pos = len(prompt_ids)
+        try:
+            while True:
+                token = yield last
+                if pos >= self.n_ctx:
+                    return
+                step, past = self._run([token], past, pos)
+                seen.append(token)
+                last = step[-1]
+                pos += 1
+        finally:
+            if self.prompt_cache:
+                self._kv = (seen, past)
+
     def _token_stream(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
         rng = np.random.default_rng(sampling.seed)
-        logits, past = self._prefill(prompt_ids)
-        last = logits[-1]
-        pos = len(prompt_ids)
-        while True:
-            token = sample(last, sampling, rng)
-            yield token
-            if pos >= self.n_ctx:
-                return
-            step, past = self._run([token], past, pos)
-            last = step[-1]
-            pos += 1
+        steps = self._logit_steps(prompt_ids)
+        try:
+            logits = next(steps)
+            while True:
+                token = sample(logits, sampling, rng)
+                yield token
+                logits = steps.send(token)
+        except StopIteration:
+            return
+        finally:
+            steps.close()
+
+    def _ll_tokenizer(self) -> Any:
+        if self.__dict__.get("_lltok") is None:
+            from .constrain import _llguidance
+
+            llg = _llguidance()
+            spec = (self.export_dir / "tokenizer.json").read_text(encoding="utf-8")
+            self._lltok = llg.LLTokenizer(spec, n_vocab=self.vocab_size,
+                                          eos_token=sorted(self._eog) or None)
+        return self._lltok
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "n_threads": self.n_threads,
@@ -274,28 +318,7 @@ class ONNXRuntime(Runtime):
 
     def close(self) -> None:
         self._sess = None
-
-
-def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """One token from next-token ``logits``: argmax at temperature 0, else top-k, top-p and a
-    draw (HF's order: temperature, top-k, top-p)."""
-    if sampling.temperature == 0:
-        return int(np.argmax(logits))
-    x = logits.astype(np.float64) / sampling.temperature
-    if 0 < sampling.top_k < x.shape[-1]:
-        kth = np.partition(x, -sampling.top_k)[-sampling.top_k]
-        x = np.where(x < kth, -np.inf, x)
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    if sampling.top_p < 1.0:
-        order = np.argsort(-p)
-        cum = np.cumsum(p[order])
-        # Keep the smallest set whose mass reaches top_p (always at least one token).
-        keep = order[: int(np.searchsorted(cum, sampling.top_p) + 1)]
-        mask = np.zeros_like(p)
-        mask[keep] = p[keep]
-        p = mask / mask.sum()
-    return int(rng.choice(p.shape[-1], p=p))
+        self._kv = None
 
 
 def _onnxruntime():

@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP server over any runtime: a small Starlette (ASGI) app.
 
 Endpoints: ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events, as the
-OpenAI API does), ``POST /v1/completions``, ``GET /v1/models``, ``GET /health`` and a minimal web
-chat page at ``/``. Written over our runtime interface rather than llama-cpp-python's server so
+OpenAI API does; ``response_format`` json_object / json_schema constrains the answer), ``POST
+/v1/completions``, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and a
+minimal web chat page at ``/``. A request without ``response_format`` follows the export's JSON
+schema when it carries one (``serve --no-schema`` turns that off). Written over our runtime interface rather than llama-cpp-python's server so
 that one server serves every export format with the same chat template handling.
 
 Robustness rules: the request body is read up to ``max_body_bytes`` and refused beyond it (413),
@@ -17,16 +19,18 @@ The event loop only moves bytes: reading a body, parsing it, rendering the chat 
 tokenizing run in worker threads, so one huge request never stalls ``/health`` or another
 client. The runtime is not thread-safe for generation, so generation runs in a worker thread
 holding a lock: requests are served one at a time, in order. A client that disconnects, streaming
-or not, stops its generation at the next token, which releases the lock.
+or not, stops its generation at the next token, which releases the lock. At most ``max_queue``
+requests are in the server at once (one generating); one more is a 503 with ``Retry-After``.
+With an API key every ``/v1`` route wants ``Authorization: Bearer KEY`` (401). The guards and
+metrics live in ``serve_guard.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import html
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -35,6 +39,9 @@ from typing import Any, AsyncIterator, Mapping
 from edgeqlora.errors import EdgeQloraError, InputError, require
 
 from .base import Completion, Runtime, check_sampling
+from .serve_guard import (DEFAULT_MAX_QUEUE, LOOPBACK_NAMES, Admission, Metrics,  # noqa: F401
+                          RequestError, _parse_body, _text_content, check_api_key,
+                          default_allowed_hosts, host_allowed, response_schema)
 from .webchat import PAGE
 
 log = logging.getLogger(__name__)
@@ -44,76 +51,22 @@ DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_TOKENS = 256
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 DEFAULT_REQUEST_TIMEOUT_S = 600.0  # queueing + generation of one request (a Pi: ~200 s for 1k)
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
-
-
-def default_allowed_hosts(bind: str) -> frozenset[str] | None:
-    """``Host`` names a server bound to ``bind`` answers to, besides IP literals (which DNS
-    rebinding cannot forge): the loopback names on loopback, plus this machine's host name (and
-    ``NAME.local``) on any other address. None would switch the check off."""
-    names = set(LOOPBACK_NAMES)
-    if bind not in LOOPBACK_NAMES:
-        host = socket.gethostname().lower()
-        names |= {host, f"{host}.local", socket.getfqdn().lower()}
-    return frozenset(names)
-
-
-def host_allowed(header: str | None, allowed: frozenset[str] | None) -> bool:
-    """Whether a request's ``Host`` header (``name[:port]``, ``[v6]:port``) is acceptable."""
-    if allowed is None:
-        return True
-    if not header:
-        return False
-    name = header.strip().lower()
-    if name.startswith("["):  # [::1]:8080
-        name = name[1:].split("]", 1)[0]
-    elif name.count(":") == 1:
-        name = name.split(":", 1)[0]
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return name.rstrip(".") in allowed
 
 
 class GenerationTimeout(Exception):
     """A request's generation ran past the server's per-request budget."""
 
 
-class RequestError(Exception):
-    """A client mistake: answered with ``status`` and an OpenAI-style error body."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.param = param
-
-
 def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-def _text_content(content: Any, where: str) -> str:
-    # OpenAI allows content as a list of parts; text parts are joined, anything else refused.
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, Mapping) or part.get("type") != "text" \
-                    or not isinstance(part.get("text"), str):
-                raise RequestError(f"{where}[{i}] is not a text part; this model takes text only",
-                                   param="messages")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError(f"{where} must be a string or a list of text parts", param="messages")
 
 
 class ServerState:
     """The runtime, its lock and the limits, shared by all requests."""
 
     def __init__(self, runtime: Runtime, model_id: str, max_body_bytes: int,
-                 max_tokens_limit: int, request_timeout_s: float | None = None):
+                 max_tokens_limit: int, request_timeout_s: float | None = None,
+                 max_queue: int = DEFAULT_MAX_QUEUE, default_schema: Any = None):
         self.runtime = runtime
         self.request_timeout_s = request_timeout_s
         self.model_id = model_id
@@ -121,6 +74,9 @@ class ServerState:
         self.max_tokens_limit = max_tokens_limit
         self.lock = threading.Lock()
         self.started = int(time.time())
+        self.admission = Admission(max_queue)
+        self.metrics = Metrics()
+        self.default_schema = default_schema
 
     def sampling(self, body: Mapping[str, Any]) -> dict[str, Any]:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -154,13 +110,19 @@ class ServerState:
         return kwargs
 
     async def run(self, prompt_ids: list[int], kwargs: dict[str, Any],
-                  result: Completion, gone=None) -> AsyncIterator[str]:
+                  result: Completion, gone=None, arrived: float | None = None
+                  ) -> AsyncIterator[str]:
         """Text pieces from a worker thread that holds the runtime lock. ``gone`` (an async
         callable: has the client disconnected?) is polled while waiting, so a client that went
-        away stops its generation even when nothing is being sent to it."""
+        away stops its generation even when nothing is being sent to it, and frees its place in
+        the queue (the admission is left when the worker ends). A full queue is a 503."""
+        self.admission.enter()  # raises the 503 before anything is scheduled
+        self.metrics.queue.set(self.admission.depth)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
+        arrived = time.perf_counter() if arrived is None else arrived
+        first: list[float] = []
 
         def post(item):
             try:
@@ -169,17 +131,25 @@ class ServerState:
                 cancel.set()
 
         def work():
-            with self.lock:
-                try:
-                    if cancel.is_set():
-                        return
-                    for piece in self.runtime.complete(prompt_ids, result=result, **kwargs):
-                        post(("piece", piece))
+            try:
+                with self.lock:
+                    try:
                         if cancel.is_set():
-                            break
-                    post(("done", None))
-                except BaseException as exc:  # handed to the request, never lost
-                    post(("error", exc))
+                            return
+                        for piece in self.runtime.complete(prompt_ids, result=result,
+                                                           **kwargs):
+                            if not first:
+                                first.append(time.perf_counter())
+                            post(("piece", piece))
+                            if cancel.is_set():
+                                break
+                        self.metrics.observe(result, arrived, first)
+                        post(("done", None))
+                    except BaseException as exc:  # handed to the request, never lost
+                        post(("error", exc))
+            finally:
+                self.admission.leave()
+                self.metrics.queue.set(self.admission.depth)
 
         loop.run_in_executor(None, work)
         budget = self.request_timeout_s
@@ -214,6 +184,7 @@ class ServerState:
                     raise value
         finally:
             cancel.set()
+
 
 
 def _chat_prompt(state: ServerState, body: Mapping[str, Any]) -> list[int]:
@@ -253,16 +224,21 @@ def create_app(runtime: Runtime, model_id: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
                allowed_hosts: frozenset[str] | None = None,
-               request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S):
+               request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+               api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               use_schema: bool = True):
     """The ASGI app serving ``runtime``. Needs ``pip install 'edgeqlora[serve]'``.
     ``allowed_hosts`` (``default_allowed_hosts``; ``serve`` passes it) checks every request's
     ``Host``; None does not (an app mounted behind a proxy that checks). A request still
     generating ``request_timeout_s`` after it arrived is answered 504 (in-band when streaming)
-    and its generation stopped."""
+    and its generation stopped. ``api_key``: every ``/v1`` route wants ``Authorization: Bearer
+    KEY``. ``max_queue``: requests in the server at once, then 503s. ``use_schema``: a request
+    without ``response_format`` follows the export's JSON schema (``runtime.json_schema``)."""
     require("starlette", "serve", "edgeqlora serve")
+    require("prometheus_client", "serve", "edgeqlora serve's /metrics")
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     if max_body_bytes < 1024:
@@ -271,12 +247,21 @@ def create_app(runtime: Runtime, model_id: str | None = None,
         raise InputError(f"max_tokens_limit={max_tokens_limit} must be >= 1")
     if request_timeout_s is not None and not request_timeout_s > 0:
         raise InputError(f"request timeout {request_timeout_s!r} s must be a positive number")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+        raise InputError(f"max_queue={max_queue!r} must be a positive integer")
+    if api_key is not None and not api_key.strip():
+        raise InputError("the API key is empty")
     state = ServerState(runtime, model_id or runtime.path.stem, max_body_bytes,
-                        max_tokens_limit, request_timeout_s)
+                        max_tokens_limit, request_timeout_s, max_queue,
+                        getattr(runtime, "json_schema", None) if use_schema else None)
 
     def error(exc: RequestError) -> JSONResponse:
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        return JSONResponse(_error_body(str(exc), kind, exc.param), status_code=exc.status)
+        if exc.status >= 500 or exc.status == 401:
+            state.metrics.errors.labels(kind={401: "auth", 503: "busy", 504: "timeout"}.get(
+                exc.status, "server")).inc()
+        return JSONResponse(_error_body(str(exc), kind, exc.param), status_code=exc.status,
+                            headers=exc.headers)
 
     async def read_json(request: Request) -> dict[str, Any]:
         kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -309,13 +294,20 @@ def create_app(runtime: Runtime, model_id: str | None = None,
         # Parsed off the event loop: a megabyte of JSON is tens of milliseconds.
         return await asyncio.to_thread(_parse_body, bytes(body))
 
-    def guarded(handler):
+    def guarded(handler, route: str, keyed: bool = False):
         async def endpoint(request: Request):
+            response = await answer(request)
+            state.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+            return response
+
+        async def answer(request: Request):
             try:
                 if not host_allowed(request.headers.get("host"), allowed_hosts):
                     raise RequestError(f"Host {request.headers.get('host')!r} is not this "
                                        "server's (edgeqlora serve --allowed-host NAME adds one)",
                                        status=421)
+                if keyed:
+                    check_api_key(request.headers.get("authorization"), api_key)
                 return await handler(request)
             except RequestError as exc:
                 return error(exc)
@@ -333,12 +325,19 @@ def create_app(runtime: Runtime, model_id: str | None = None,
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     async def respond(request: Request, chat: bool):
+        arrived = time.perf_counter()
         body = await read_json(request)
         kwargs = state.sampling(body)
-        # Template rendering and tokenization are CPU work: in a thread, off the event loop
-        # (tokenizing is read-only on the model, safe beside a generation).
+        # Template rendering, tokenization and compiling a schema are CPU work: in a thread,
+        # off the event loop (all read-only on the model, safe beside a generation).
         ids = await asyncio.to_thread(_chat_prompt if chat else _completion_prompt, state, body)
         _check_room(state, ids)
+        schema = response_schema(body, state.default_schema)
+        if schema is not None:
+            try:
+                kwargs["json_schema"] = await asyncio.to_thread(runtime.grammar, schema)
+            except EdgeQloraError as exc:
+                raise RequestError(str(exc), param="response_format") from None
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("'stream' must be true or false", param="stream")
@@ -354,7 +353,8 @@ def create_app(runtime: Runtime, model_id: str | None = None,
 
         if not stream:
             text = "".join([p async for p in state.run(ids, kwargs, result,
-                                                       gone=request.is_disconnected)])
+                                                       gone=request.is_disconnected,
+                                                       arrived=arrived)])
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": result.finish_reason} if chat else
                       {"index": 0, "text": text, "finish_reason": result.finish_reason,
@@ -373,16 +373,36 @@ def create_app(runtime: Runtime, model_id: str | None = None,
             return {"id": rid, "object": chunk_obj, "created": created,
                     "model": state.model_id, "choices": [choice]}
 
+        # Admitted (or refused with a 503) before the response starts; a failure of the
+        # generation itself is reported in-band, as OpenAI does once a stream has begun.
+        pieces = state.run(ids, kwargs, result, arrived=arrived)
+        first = early = None
+        try:
+            first = await pieces.__anext__()
+        except StopAsyncIteration:
+            pass
+        except RequestError:
+            raise
+        except Exception as exc:
+            early = exc
+
         async def events():
             try:
                 if chat:
                     yield sse(chunk({"role": "assistant", "content": ""}, None))
-                async for piece in state.run(ids, kwargs, result):
+                if early is not None:
+                    raise early
+                if first is not None:
+                    yield sse(chunk({"content": first} if chat else first, None))
+                async for piece in pieces:
                     yield sse(chunk({"content": piece} if chat else piece, None))
                 yield sse(chunk({} if chat else "", result.finish_reason))
                 if include_usage:
                     yield sse({"id": rid, "object": chunk_obj, "created": created,
                                "model": state.model_id, "choices": [], "usage": usage()})
+            except asyncio.CancelledError:  # the client went away: stop generating
+                await pieces.aclose()
+                raise
             except Exception as exc:  # headers are sent: report in-band, as OpenAI does
                 known = isinstance(exc, (EdgeQloraError, GenerationTimeout))
                 message = str(exc) if known else \
@@ -409,53 +429,53 @@ def create_app(runtime: Runtime, model_id: str | None = None,
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": state.model_id,
-                             "runtime": runtime.name, "busy": state.lock.locked()})
+                             "runtime": runtime.name, "busy": state.lock.locked(),
+                             "queue": state.admission.depth,
+                             "max_queue": state.admission.max_queue})
+
+    async def metrics(request: Request):
+        data, kind = state.metrics.render()
+        return Response(data, media_type=kind)
 
     async def page(request: Request):
-        return HTMLResponse(PAGE.replace("{{MODEL}}", _html_escape(state.model_id)))
+        return HTMLResponse(PAGE.replace("{{MODEL}}", html.escape(state.model_id, quote=True))
+                            .replace("{{SCHEMA_HIDDEN}}", "" if state.default_schema else "hidden")
+                            .replace("{{KEY_HIDDEN}}", "" if api_key else "hidden"))
 
     routes = [
-        Route("/", guarded(page), methods=["GET"]),
-        Route("/health", guarded(health), methods=["GET"]),
-        Route("/v1/models", guarded(models), methods=["GET"]),
-        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
-        Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/", guarded(page, "/"), methods=["GET"]),
+        Route("/health", guarded(health, "/health"), methods=["GET"]),
+        Route("/metrics", guarded(metrics, "/metrics"), methods=["GET"]),
+        Route("/v1/models", guarded(models, "/v1/models", keyed=True), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(chat_completions, "/v1/chat/completions",
+                                              keyed=True), methods=["POST"]),
+        Route("/v1/completions", guarded(completions, "/v1/completions", keyed=True),
+              methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     app.state.edgeqlora = state
     return app
 
 
-def _parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise RequestError("request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise RequestError("request body must be a JSON object")
-    return data
-
-
-def _html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text, quote=True)
-
-
 def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 8080,
           model_id: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info",
           extra_hosts: tuple[str, ...] = (), on_ready=None,
-          request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+          request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+          api_key: str | None = None, insecure: bool = False,
+          max_queue: int = DEFAULT_MAX_QUEUE, use_schema: bool = True) -> None:
     """Run the server until interrupted (uvicorn, one process). Requests must name this server
-    in ``Host`` (``default_allowed_hosts`` plus ``extra_hosts``). ``on_ready()`` is called once
-    the port is known to be free, before serving (the CLI prints its address there)."""
+    in ``Host`` (``default_allowed_hosts`` plus ``extra_hosts``). Listening beyond loopback
+    without ``api_key`` is refused unless ``insecure``. ``on_ready()`` is called once the port
+    is known to be free, before serving (the CLI prints its address there)."""
     uvicorn = require("uvicorn", "serve", "edgeqlora serve")
+    if api_key is None and not insecure and host not in LOOPBACK_NAMES:
+        raise InputError(f"listening on {host} without an API key would let anyone on the "
+                         "network use the model; pass --api-key KEY (or set EDGEQLORA_API_KEY),"
+                         " or --insecure on a network you trust")
     allowed = default_allowed_hosts(host) | {h.strip().lower() for h in extra_hosts}
     app = create_app(runtime, model_id, max_body_bytes, max_tokens_limit, allowed,
-                     request_timeout_s)
+                     request_timeout_s, api_key, max_queue, use_schema)
     if not 0 <= port <= 65535:
         raise InputError(f"port {port} is not in 0..65535")
     # uvicorn logs a bind failure and calls sys.exit; bind once ourselves for a clear error.

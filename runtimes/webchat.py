@@ -4,6 +4,10 @@ One self-contained HTML file (no CDN, no build step: the server may run on a dev
 network). It keeps the conversation in the page, posts it to ``/v1/chat/completions`` with
 ``stream: true`` and renders the server-sent events as they arrive. Messages are inserted with
 ``textContent``, never as HTML. Kept as a Python string so it ships without package-data rules.
+
+When the export carries a JSON schema the page shows a "JSON mode" switch (on: the server's
+default, answers follow the schema; off: ``response_format: text``); when the server wants an
+API key, a key field (kept in the browser's localStorage) sends it as a bearer token.
 """
 
 PAGE = """<!doctype html>
@@ -32,13 +36,17 @@ PAGE = """<!doctype html>
 </style>
 </head>
 <body>
-<header>edgeqlora chat<small id="model">{{MODEL}}</small></header>
+<header>edgeqlora chat<small id="model">{{MODEL}}</small>
+  <label id="jsonmode" {{SCHEMA_HIDDEN}}><small><input type="checkbox" id="json" checked>
+    JSON mode</small></label></header>
 <div id="log" aria-live="polite"></div>
 <details>
   <summary>Settings</summary>
   <label>System prompt <textarea id="system" placeholder="(the model's default)"></textarea></label>
   <label>max tokens <input id="max" type="number" min="1" value="256"></label>
   <label>temperature <input id="temp" type="number" min="0" step="0.1" value="0"></label>
+  <label id="keyfield" {{KEY_HIDDEN}}>API key <input id="key" type="password"
+    autocomplete="off"></label>
   <button type="button" id="clear">Clear chat</button>
 </details>
 <form id="form">
@@ -52,6 +60,9 @@ const log = document.getElementById("log");
 const input = document.getElementById("input");
 const send = document.getElementById("send");
 let history = [];
+const key = document.getElementById("key");
+key.value = localStorage.getItem("edgeqlora-key") || "";
+key.addEventListener("change", () => localStorage.setItem("edgeqlora-key", key.value));
 
 function bubble(role, text) {
   const div = document.createElement("div");
@@ -73,10 +84,15 @@ async function ask(text) {
     max_tokens: Number(document.getElementById("max").value) || 256,
     temperature: Number(document.getElementById("temp").value) || 0,
   };
+  if (!document.getElementById("jsonmode").hidden && !document.getElementById("json").checked) {
+    body.response_format = {type: "text"};
+  }
+  const headers = {"Content-Type": "application/json"};
+  if (key.value) headers["Authorization"] = "Bearer " + key.value;
   let reply = "";
   try {
     const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"},
+      method: "POST", headers,
       body: JSON.stringify(body),
     });
     if (!res.ok) {

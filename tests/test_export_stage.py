@@ -114,3 +114,38 @@ def test_a_4bit_only_merge_base_on_a_plain_lora_adapter_is_one_line(tiny, tmp_pa
                                           "a 4-bit base"):
         export_adapter(plain, tmp_path / "x", quant="q8_0", merge_base="dequantized")
     assert not (tmp_path / "x").exists()
+
+
+@needs_llama_cpp
+def test_the_answer_schema_travels_from_the_adapter_to_the_runtime(tiny, tmp_path):
+    """An adapter trained on the embedded task (before adapters carried a schema) exports the
+    task's schema; an adapter's own schema.json wins; one trained with schema=none has none.
+    The runtime loads it from the export (hash-checked with the other files)."""
+    from edgeqlora import runtimes
+    from edgeqlora.artifacts import read_manifest, write_manifest
+    from edgeqlora.export import export_adapter
+    from edgeqlora.schema import write_schema
+    from edgeqlora.tasks import iot
+
+    m = export_adapter(tiny["adapter"], tmp_path / "task", quant="q8_0", eval_tokens=64)
+    assert m["schema"] == {"file": "schema.json", "source": "embedded:iot"}
+    assert "schema.json" in m["files"]
+    with runtimes.load(tmp_path / "task", verify=True) as rt:
+        assert rt.json_schema == iot.json_schema() and rt.info()["json_schema"]
+
+    own, none = tmp_path / "own", tmp_path / "none"
+    for d, schema in ((own, {"type": "object", "required": ["x"]}), (none, None)):
+        shutil.copytree(tiny["adapter"], d)
+        manifest = {k: v for k, v in read_manifest(d).items()
+                    if k not in ("format_version", "kind", "created", "files")}
+        manifest["schema"] = {"file": write_schema(d, schema), "source": "mine"} if schema \
+            else None
+        write_manifest(d, "adapter", manifest)
+    m = export_adapter(own, tmp_path / "own-x", quant="q8_0", eval_tokens=64)
+    assert m["schema"]["source"] == "mine"
+    assert json.loads((tmp_path / "own-x" / "schema.json").read_text()) == \
+        {"type": "object", "required": ["x"]}
+    m = export_adapter(none, tmp_path / "none-x", quant="q8_0", eval_tokens=64)
+    assert m["schema"] is None and not (tmp_path / "none-x" / "schema.json").exists()
+    with runtimes.load(tmp_path / "none-x") as rt:
+        assert rt.json_schema is None

@@ -89,13 +89,18 @@ def test_train_outputs_and_reload(tiny_model_dir, iot_files, tmp_path, monkeypat
         return real_write(adapter, model, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "_write_adapter", capture)
+    schema = tmp_path / "answer.schema.json"
+    schema.write_text(json.dumps(iot.json_schema()))
     cfg = _cfg(tiny_model_dir, iot_files[0], eval_data=str(iot_files[1]), eval_examples=4,
-               eval_every=1, quant_report_tokens=64, save_every=1, keep_checkpoints=1)
+               eval_every=1, quant_report_tokens=64, save_every=1, keep_checkpoints=1,
+               schema=str(schema))
     adapter = train_mod.train(cfg, tmp_path / "run")
     assert adapter == tmp_path / "run" / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= \
-        {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json",
+            "schema.json"} <= {p.name for p in adapter.iterdir()}
     manifest = json.loads((adapter / "manifest.json").read_text())
+    assert manifest["schema"] == {"file": "schema.json", "source": str(schema.resolve())}
+    assert json.loads((adapter / "schema.json").read_text()) == iot.json_schema()
     assert manifest["kind"] == "adapter"
     assert manifest["base"]["path"] == str(Path(tiny_model_dir).resolve())
     assert len(manifest["base"]["weights_sha256"]) == 64
@@ -294,8 +299,11 @@ def test_cli_bad_inputs(tiny_model_dir, iot_files, tmp_path, capsys):
         capsys, ["train", *base, f"data={iot_files[0]}", "--out", str(busy)])
     assert "/nonexistent" in _cli_error(
         capsys, ["train", "base=/nonexistent", "--out", str(tmp_path / "e")])
+    assert "JSON schema" in _cli_error(
+        capsys, ["train", *base, f"data={iot_files[0]}", f"schema={tmp_path / 'no.json'}",
+                 "--out", str(tmp_path / "f")])
     # Nothing half-written by the refused runs.
-    for name in "abcde":
+    for name in "abcdef":
         assert not (tmp_path / name).exists()
 
 

@@ -42,6 +42,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "LoRA inputs")
     p.add_argument("--lora-scale", type=float, default=None,
                    help="GGUF only: the adapter's strength (default 1.0)")
+    p.add_argument("--prompt-cache", action="store_true",
+                   help="keep the KV cache of the last request and reuse its shared prefix "
+                        "(a system prompt is evaluated once); faster, but an answer may then "
+                        "differ in the last digits of its logits with what ran before it")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking every file of the export against the sha256 its "
                         "manifest records (sizes are still checked)")
@@ -71,5 +75,7 @@ def load_runtime(args):
         kwargs["lora_path"] = args.lora
     if args.lora_scale is not None:
         kwargs["lora_scale"] = args.lora_scale
+    if getattr(args, "prompt_cache", False):
+        kwargs["prompt_cache"] = True
     return load(args.export, verify=not args.no_verify, allow_failed=args.allow_failed,
                 **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from ._common import add_runtime_args, load_runtime
 
@@ -29,15 +30,23 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
+    schema = p.add_mutually_exclusive_group()
+    schema.add_argument("--json-schema", default=None, metavar="FILE",
+                        help="constrain the answer to one JSON value this JSON Schema accepts "
+                             "(default: the export's own schema.json, when it has one)")
+    schema.add_argument("--no-schema", action="store_true",
+                        help="do not constrain the answer to the export's schema")
 
 
 def run(args) -> int:
     from ..errors import InputError
     from ..runtimes.base import Completion, check_sampling
+    from ..schema import load_schema
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     check_sampling(**sampling)  # fail on a bad flag before loading the model
+    schema = load_schema(Path(args.json_schema)) if args.json_schema else None
     chat = args.chat or args.system is not None
     interactive = args.prompt is None and chat and sys.stdin.isatty()
     prompt = args.prompt
@@ -46,6 +55,12 @@ def run(args) -> int:
     if prompt is not None and not prompt.strip():
         raise InputError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
     rt = load_runtime(args)
+    if schema is None and not args.no_schema and rt.json_schema is not None:
+        schema = rt.json_schema
+        print("edgeqlora run: answers follow the export's JSON schema (schema.json); "
+              "--no-schema turns it off", file=sys.stderr)
+    if schema is not None:
+        sampling["json_schema"] = rt.grammar(schema)  # compiled once, for every answer
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(ids) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,16 +29,29 @@ def add_arguments(p) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="budget of one request, queueing and generation (default 600); past "
                         "it the answer is a 504 and its generation stops")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="every /v1 route wants 'Authorization: Bearer KEY' (default: "
+                        "$EDGEQLORA_API_KEY; none on loopback)")
+    p.add_argument("--insecure", action="store_true",
+                   help="listen beyond loopback without an API key")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests in the server at once (one generates); one more gets a 503 "
+                        "with Retry-After (default 8)")
+    p.add_argument("--no-schema", action="store_true",
+                   help="requests without response_format are not constrained to the export's "
+                        "JSON schema")
 
 
 def run(args) -> int:
     from ..runtimes.serve import create_app, serve
 
+    api_key = args.api_key or os.environ.get("EDGEQLORA_API_KEY") or None
     rt = load_runtime(args)
     try:
         model_id = args.model_id or Path(args.export).resolve().name
         create_app(rt, model_id, args.max_body_bytes, args.max_tokens,  # check the limits first
-                   request_timeout_s=args.request_timeout)
+                   request_timeout_s=args.request_timeout, api_key=api_key,
+                   max_queue=args.max_queue)
 
         def ready() -> None:  # once the port is known to be free
             print(f"serving {args.export} as '{model_id}' on http://{args.host}:{args.port}/ "
@@ -46,7 +60,9 @@ def run(args) -> int:
         serve(rt, host=args.host, port=args.port, model_id=model_id,
               max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens,
               extra_hosts=tuple(args.allowed_host), on_ready=ready,
-              request_timeout_s=args.request_timeout)
+              request_timeout_s=args.request_timeout, api_key=api_key,
+              insecure=args.insecure, max_queue=args.max_queue,
+              use_schema=not args.no_schema)
     finally:
         rt.close()
     return 0

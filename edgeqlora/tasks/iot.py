@@ -83,6 +83,34 @@ def to_json(action: dict[str, Any]) -> str:
     return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
 
 
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of one action, built from the tables (what ``run``/``serve`` constrain
+    decoding to): the canonical key order, every enum the task knows, no other keys.
+
+    It accepts every target the generator writes (tested) and nothing that ``score`` could not
+    count as an action; it does not encode which value goes with which action (a schema that
+    did would be a ``oneOf`` per action, longer than the model's answer)."""
+    actions = sorted({t.action for t in TEMPLATES})
+    words = sorted(set(COLORS) | set(MODES))
+    return {
+        "title": "iot_action",
+        "type": "object",
+        "properties": {
+            "device": {"enum": list(DEVICES)},
+            "room": {"enum": list(ROOMS)},
+            "action": {"enum": actions},
+            "value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 1000},
+                                {"enum": words}]},
+            "unit": {"enum": ["%", "C", "F", "min"]},
+            "time": {"type": "string", "pattern": r"^\+?([01][0-9]|2[0-3]):[0-5][0-9]$"},
+        },
+        "required": ["device", "action"],
+        "additionalProperties": False,
+        # Compact, as the targets are written (to_json): no whitespace between tokens.
+        "x-guidance": {"whitespace_flexible": False},
+    }
+
+
 def generate(seed: int = 0, n_train: int = 2000,
              n_eval: int = 200) -> tuple[list[dict], list[dict]]:
     """The train and held-out splits, deterministic in ``seed``.

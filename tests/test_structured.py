@@ -1,0 +1,277 @@
+"""JSON-Schema-constrained decoding (runtimes/constrain.py) in both runtimes: every answer is
+one JSON value the schema accepts, greedy answers are the argmax over the allowed tokens (the
+unconstrained-first shortcut changes nothing), the schema travels from the task to the export,
+and every bad schema is one clean error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny_model, has_module
+from edgeqlora.errors import InputError
+from edgeqlora.tasks import iot
+
+pytestmark = pytest.mark.skipif(not has_module("llguidance"), reason="needs llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+SCHEMA = iot.json_schema()
+_, HELD_OUT = iot.generate(0, 200, 40)
+COMMANDS = [r["messages"][:2] for r in HELD_OUT]
+
+
+def valid(text: str, schema=SCHEMA) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def gguf_rt():
+    pytest.importorskip("llama_cpp")
+    from edgeqlora import runtimes
+    from edgeqlora.base import embedded_gguf_path
+
+    with runtimes.load(embedded_gguf_path(), n_ctx=512) as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def onnx_rt(tmp_path_factory, tokenizer_dir):
+    if not (has_module("onnx") and has_module("onnxruntime")):
+        pytest.skip("needs onnx + onnxruntime")
+    from edgeqlora import runtimes
+    from edgeqlora.export import export_merged
+
+    tiny = build_tiny_model(tmp_path_factory.mktemp("structured-tiny"), tokenizer_dir, seed=5)
+    out = tmp_path_factory.mktemp("structured-onnx") / "fp32"
+    export_merged(tiny, out, target="onnx", quant="fp32", eval_tokens=64, context_length=256)
+    with runtimes.load(out) as rt:
+        yield rt
+
+
+def test_task_schema_accepts_every_target_and_nothing_else():
+    train, held = iot.generate(0, 2000, 200)
+    for row in train + held:
+        jsonschema.validate(row["target"], SCHEMA)
+        assert json.loads(iot.to_json(row["target"])) == row["target"]
+    for bad in ({"device": "toaster", "action": "turn_on"},
+                {"device": "light", "action": "turn_on", "colour": "red"},
+                {"device": "light", "action": "turn_on", "time": "25:00"},
+                {"device": "light", "action": "set_brightness", "value": True},
+                {"room": "kitchen", "action": "turn_on"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, SCHEMA)
+
+
+@pytest.mark.parametrize("name", ["gguf_rt", "onnx_rt"])
+def test_every_constrained_answer_is_a_valid_action(name, request):
+    """The untrained SmolLM2 (GGUF) answers in prose and a random tiny model (ONNX) in noise;
+    under the schema both write one valid action every time, and say they stopped."""
+    from edgeqlora.runtimes.base import Completion
+
+    rt = request.getfixturevalue(name)
+    free = [rt.chat(m, max_new_tokens=24) for m in COMMANDS[:6]]
+    assert sum(valid(t) for t in free) <= 1
+    for messages in COMMANDS[:6]:
+        result = Completion()
+        text = "".join(rt.complete(rt.chat_ids(messages), max_new_tokens=96, json_schema=SCHEMA,
+                                   result=result))
+        assert valid(text), text
+        assert result.finish_reason == "stop" and result.completion_tokens > 4
+        assert rt.chat(messages, max_new_tokens=96, json_schema=SCHEMA) == text
+        assert "".join(rt.chat(messages, max_new_tokens=96, json_schema=SCHEMA,
+                               stream=True)) == text
+
+
+@pytest.mark.parametrize("name", ["gguf_rt", "onnx_rt"])
+def test_each_token_is_the_models_pick_when_the_grammar_takes_it(name, request):
+    """Replayed step by step: every token of a greedy constrained answer is the model's argmax
+    when the grammar accepts that, else the argmax over llguidance's mask; so an answer the
+    model writes validly on its own is never changed."""
+    from edgeqlora.runtimes.base import Completion, allowed_mask
+
+    rt = request.getfixturevalue(name)
+    grammar, strayed = rt.grammar(SCHEMA), 0
+    for messages in COMMANDS[6:9]:
+        result = Completion()
+        "".join(rt.complete(rt.chat_ids(messages), max_new_tokens=96, json_schema=SCHEMA,
+                            result=result))
+        matcher, steps = grammar.matcher(), rt._logit_steps(rt.chat_ids(messages))
+        logits = next(steps)
+        for token in result.token_ids:
+            best = int(np.argmax(logits))
+            if matcher.validate_tokens([best]) == 1:
+                assert token == best
+            else:
+                strayed += 1
+                mask = allowed_mask(matcher, logits.shape[-1])
+                assert token == int(np.argmax(np.where(mask, logits, -np.inf)))
+            assert matcher.consume_token(token)
+            logits = steps.send(token)
+        steps.close()
+        assert matcher.is_stopped()
+    assert strayed > 0  # the untrained / random model needed the mask
+
+
+def test_seeded_sampling_under_the_schema_is_valid_and_reproducible(gguf_rt, onnx_rt):
+    for rt in (gguf_rt, onnx_rt):
+        kw = dict(max_new_tokens=96, json_schema=SCHEMA, temperature=1.0, seed=7)
+        a = rt.chat(COMMANDS[0], **kw)
+        assert valid(a) and rt.chat(COMMANDS[0], **kw) == a
+        b = rt.chat(COMMANDS[0], max_new_tokens=96, json_schema=SCHEMA, temperature=0.8,
+                    top_k=20, top_p=0.9, seed=3)
+        assert valid(b)
+
+
+def test_json_object_mode_and_other_schemas(gguf_rt):
+    from edgeqlora.runtimes.base import Completion
+
+    # Any one object (OpenAI's json_object): a rambling base model may run out of tokens
+    # inside it; when it says it stopped, the object is complete.
+    for messages in COMMANDS[:4]:
+        result = Completion()
+        text = "".join(gguf_rt.complete(gguf_rt.chat_ids(messages), max_new_tokens=120,
+                                        json_schema="json_object", result=result))
+        assert text.lstrip().startswith("{")
+        if result.finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}
+    assert json.loads(gguf_rt.generate("Answer:", max_new_tokens=20, json_schema=schema)) \
+        in ({"ok": True}, {"ok": False})
+    # A string, a path and a mapping are the same schema (compiled once).
+    path = Path(__file__).parent / "assets" / "structured_schema.json"
+    assert gguf_rt.grammar(json.dumps(schema)) is gguf_rt.grammar(schema) \
+        is gguf_rt.grammar(path)
+
+
+def test_budget_cut_says_length(gguf_rt):
+    from edgeqlora.runtimes.base import Completion
+
+    result = Completion()
+    text = "".join(gguf_rt.complete(gguf_rt.chat_ids(COMMANDS[2]), max_new_tokens=3,
+                                    json_schema=SCHEMA, result=result))
+    assert result.finish_reason == "length" and result.completion_tokens == 3
+    assert text.startswith("{")
+
+
+@pytest.mark.parametrize("schema, match", [
+    ({"type": "nonsense"}, "Invalid type"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}},
+      "required": ["a"]}, "nsatisfiable"),
+    ({"enum": []}, "nsatisfiable"),
+    ({"type": "string", "pattern": "("}, "regex"),
+    ({"$ref": "#/defs/missing"}, "does not exist"),
+    ("[1, 2]", "must be a JSON object"),
+    ("{not json", "not valid JSON"),
+    ("no/such/schema.json", "does not exist"),
+])
+def test_bad_schemas_are_one_line_errors(gguf_rt, schema, match):
+    with pytest.raises(InputError, match=match) as err:
+        gguf_rt.chat(COMMANDS[0], max_new_tokens=8, json_schema=schema)
+    assert "\n" not in str(err.value)
+
+
+def test_schema_file_errors(tmp_path):
+    from edgeqlora.schema import load_schema
+
+    big = tmp_path / "big.json"
+    big.write_text('{"enum": [' + ",".join(['"x"'] * 100000) + "]}")
+    with pytest.raises(InputError, match="KiB"):
+        load_schema(big)
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe{")
+    with pytest.raises(InputError, match="UTF-8"):
+        load_schema(binary)
+
+
+def test_schema_resolution_from_the_training_config(tmp_path):
+    from edgeqlora.errors import ConfigError
+    from edgeqlora.schema import read_schema, resolve, write_schema
+
+    assert resolve("embedded:iot", "") == (SCHEMA, "embedded:iot")
+    assert resolve("embedded:iot", "none") == (None, None)
+    assert resolve("my.jsonl", "") == (None, None)
+    own = tmp_path / "s.json"
+    own.write_text('{"type": "object"}')
+    assert resolve("my.jsonl", str(own))[0] == {"type": "object"}
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve("my.jsonl", str(tmp_path / "missing.json"))
+    assert write_schema(tmp_path, SCHEMA) == "schema.json"
+    assert read_schema(tmp_path) == SCHEMA and read_schema(tmp_path / "none") is None
+
+
+def test_cli_run_uses_the_export_schema_unless_told_not_to(tmp_path, gguf_rt):
+    from edgeqlora.artifacts import write_manifest
+    from edgeqlora.base import embedded_gguf_path
+    from edgeqlora.schema import write_schema
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.gguf").symlink_to(embedded_gguf_path())
+    write_schema(export, SCHEMA)
+    write_manifest(export, "export", {"target": "gguf",
+                                      "schema": {"file": "schema.json", "source": "test"}})
+    cmd = [sys.executable, "-m", "edgeqlora", "run", str(export), "--chat", "--prompt",
+           COMMANDS[3][1]["content"], "--system", iot.SYSTEM_PROMPT, "--max-new-tokens", "80"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert valid(out.stdout.strip()) and "JSON schema" in out.stderr
+    free = subprocess.run(cmd + ["--no-schema"], capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0 and not valid(free.stdout.strip())
+    other = tmp_path / "other.json"
+    other.write_text('{"type": "object", "properties": {"n": {"type": "integer"}}, '
+                     '"required": ["n"], "additionalProperties": false}')
+    forced = subprocess.run(cmd + ["--json-schema", str(other)], capture_output=True, text=True,
+                            timeout=120)
+    assert forced.returncode == 0 and set(json.loads(forced.stdout)) == {"n"}
+    bad = subprocess.run(cmd + ["--json-schema", str(tmp_path / "nope.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_answers_with_and_without_the_schema(gguf_rt):
+    """What parity reports beside the gate's (unconstrained) figure: only answers the grammar
+    does not already accept are decoded again, and those come out valid."""
+    from edgeqlora.constrained_eval import accepted, answers
+
+    prompts = COMMANDS[10:14]
+    got = answers(gguf_rt, prompts, 96, SCHEMA)
+    assert got["free"] == [gguf_rt.chat(m, max_new_tokens=96).strip() for m in prompts]
+    assert got["constrained"] == [gguf_rt.chat(m, max_new_tokens=96, json_schema=SCHEMA)
+                                  for m in prompts]
+    assert all(got["valid_constrained"]) and not any(got["valid_free"])
+    assert got["redecoded"] == len(prompts)
+    grammar = gguf_rt.grammar(SCHEMA)
+    good = gguf_rt.tokenize(iot.to_json(HELD_OUT[0]["target"]))
+    assert accepted(grammar, good) and not accepted(grammar, good[:-1])
+    assert answers(gguf_rt, prompts[:1], 8)["constrained"] == []
+
+
+def test_prompt_cache_reuses_the_shared_system_prompt(onnx_rt, gguf_rt):
+    """With prompt_cache a second request with the same system prompt decodes only what
+    differs (ONNX: counted in tokens run), and answers as from scratch (fp32 here)."""
+    from edgeqlora import runtimes
+
+    with runtimes.load(onnx_rt.export_dir, prompt_cache=True) as rt:
+        fed = []
+        real = rt._run
+        rt._run = lambda ids, past, start: (fed.append(len(ids)), real(ids, past, start))[1]
+        first = rt.chat(COMMANDS[0], max_new_tokens=12)
+        prompt0 = len(rt.chat_ids(COMMANDS[0]))
+        fed.clear()
+        second = rt.chat(COMMANDS[1], max_new_tokens=12, json_schema=SCHEMA)
+        shared = len(rt.chat_ids([COMMANDS[1][0]], add_generation_prompt=False))  # system turn
+        assert fed[0] <= len(rt.chat_ids(COMMANDS[1])) - shared
+        assert first == onnx_rt.chat(COMMANDS[0], max_new_tokens=12)
+        assert second == onnx_rt.chat(COMMANDS[1], max_new_tokens=12, json_schema=SCHEMA)
+        assert prompt0 > shared
