@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +23,10 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import free_port, wait_until_serving  # noqa: E402
+
 KEY = "bench-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -48,7 +44,7 @@ def main() -> int:
 
     _, held = iot.generate(0, 200, 200)
     commands = [r["messages"][:2] for r in held]
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "edgeqlora", "serve", args.export,
                              "--port", str(port), "--max-queue", str(args.max_queue),
@@ -56,15 +52,7 @@ def main() -> int:
                             env={**os.environ, "EDGEQLORA_API_KEY": KEY},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit(proc.communicate()[1])
-            time.sleep(0.1)
+        wait_until_serving(base, proc)
         stop = time.monotonic() + args.seconds
         statuses: Counter = Counter()
         health_worst = [0.0]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import free_port, wait_until_serving  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,23 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=25000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edgeqlora", "serve", args.export, "--port",
                              str(port), "--max-body-bytes", str(2 << 20)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit(f"the server did not start: {proc.communicate()[1][-500:]}")
-            time.sleep(0.1)
+        wait_until_serving(base, proc)
         msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"}
                 for i in range(args.messages)] + [{"role": "user", "content": "x"}]
         body = json.dumps({"messages": msgs, "max_tokens": 1}).encode()

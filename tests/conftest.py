@@ -33,6 +33,38 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def wait_until_serving(base: str, proc, tries: int = 300) -> None:
+    """Poll ``base/health`` until an ``edgeqlora serve`` subprocess answers (fails with its
+    stderr if it exits first)."""
+    import time
+
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.1)
+    raise AssertionError(f"{base} did not answer /health")
+
+
+def schema_valid(text: str, schema) -> bool:
+    """Whether ``text`` is one JSON value that ``schema`` accepts (jsonschema, independent of
+    the grammar engine the runtimes constrain with)."""
+    import json
+
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: the marks added here must count
 def pytest_collection_modifyitems(config, items):
     # A test that needs the real embedded model (its ~1-minute conversion) is slow by

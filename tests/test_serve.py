@@ -7,9 +7,10 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+
+from conftest import wait_until_serving
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("starlette")
@@ -187,14 +188,7 @@ def test_cli_serve_over_real_uvicorn_on_loopback(gguf_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.1)
+        wait_until_serving(base, proc)
         with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=60,
                           json={"messages": MESSAGES, "max_tokens": 8, "stream": True}) as r:
             assert r.status_code == 200

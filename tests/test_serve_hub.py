@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import has_module
+from conftest import has_module, schema_valid, wait_until_serving
 from edgeqlora.tasks import iot
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
-pytestmark = pytest.mark.skipif(not (has_module("llguidance") and has_module("prometheus_client")),
-                                reason="needs llguidance and prometheus-client")
+pytestmark = pytest.mark.skipif(
+    not all(has_module(m) for m in ("llguidance", "prometheus_client", "jsonschema")),
+    reason="needs llguidance, prometheus-client and jsonschema")
 
 SCHEMA = iot.json_schema()
 _, HELD = iot.generate(0, 200, 8)
@@ -32,12 +33,7 @@ COMMAND = HELD[0]["messages"][:2]
 
 
 def valid_action(text: str) -> bool:
-    jsonschema = pytest.importorskip("jsonschema")
-    try:
-        jsonschema.validate(json.loads(text), SCHEMA)
-    except (json.JSONDecodeError, jsonschema.ValidationError):
-        return False
-    return True
+    return schema_valid(text, SCHEMA)
 
 
 @pytest.fixture(scope="module")
@@ -231,14 +227,7 @@ def test_the_official_openai_client_unchanged(export):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.1)
+        wait_until_serving(base, proc)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="hub-key")
         reply = client.chat.completions.create(model="export", messages=COMMAND, max_tokens=96)
         assert valid_action(reply.choices[0].message.content)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_tiny_model, has_module
+from conftest import build_tiny_model, has_module, schema_valid
 from edgeqlora.errors import InputError
 from edgeqlora.tasks import iot
 
@@ -26,11 +26,7 @@ COMMANDS = [r["messages"][:2] for r in HELD_OUT]
 
 
 def valid(text: str, schema=SCHEMA) -> bool:
-    try:
-        jsonschema.validate(json.loads(text), schema)
-    except (json.JSONDecodeError, jsonschema.ValidationError):
-        return False
-    return True
+    return schema_valid(text, schema)
 
 
 @pytest.fixture(scope="module")
