@@ -42,7 +42,7 @@ from .base import Completion, Runtime, check_sampling
 from .serve_guard import (DEFAULT_MAX_QUEUE, LOOPBACK_NAMES, Admission, Metrics,  # noqa: F401
                           RequestError, _parse_body, _text_content, check_api_key,
                           default_allowed_hosts, host_allowed, response_schema)
-from .webchat import PAGE
+from .webchat import PAGE, web_app_routes
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +444,7 @@ def create_app(runtime: Runtime, model_id: str | None = None,
 
     routes = [
         Route("/", guarded(page, "/"), methods=["GET"]),
+        *web_app_routes(guarded),
         Route("/health", guarded(health, "/health"), methods=["GET"]),
         Route("/metrics", guarded(metrics, "/metrics"), methods=["GET"]),
         Route("/v1/models", guarded(models, "/v1/models", keyed=True), methods=["GET"]),

@@ -273,3 +273,21 @@ def test_web_page_shows_json_mode_and_key_field_only_when_they_apply(runtime):
     with _client(runtime, use_schema=False) as c:
         page = c.get("/").text
         assert '<label id="jsonmode" hidden>' in page and '<label id="keyfield" hidden>' in page
+
+
+def test_the_page_installs_as_a_web_app(runtime):
+    with _client(runtime, api_key="k") as c:
+        page = c.get("/").text
+        assert 'rel="manifest" href="/manifest.webmanifest"' in page and "serviceWorker" in page
+        m = c.get("/manifest.webmanifest")
+        assert m.headers["content-type"].startswith("application/manifest+json")
+        manifest = m.json()
+        assert manifest["display"] == "standalone" and manifest["start_url"] == "/"
+        icon = manifest["icons"][0]["src"]
+        assert c.get(icon).headers["content-type"].startswith("image/svg+xml")
+        sw = c.get("/sw.js")
+        assert sw.headers["content-type"].startswith("text/javascript")
+        # The shell it caches is exactly what the app needs offline, never an API answer.
+        for path in ("/", "/manifest.webmanifest", icon):
+            assert f'"{path}"' in sw.text
+        assert "/v1" not in sw.text

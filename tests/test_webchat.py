@@ -153,3 +153,70 @@ def test_webchat_streams_a_smart_home_answer(server, browser, tmp_path):
     assert isinstance(parsed, dict), f"the answer is not a JSON object: {answer!r}"
     if fine_tuned:
         assert parsed, f"the fine-tuned model answered an empty object: {answer!r}"
+
+
+@pytest.fixture
+def phone(tmp_path):
+    """Headless Chromium emulating a phone (390 x 844 CSS pixels, touch, a mobile user agent)."""
+    if not CHROMIUM or not CHROMEDRIVER:
+        pytest.skip("headless Chromium needs Debian's chromium and chromium-driver packages "
+                    "(apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="needs the selenium package (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium-phone'}"):
+        opts.add_argument(flag)
+    opts.add_experimental_option("mobileEmulation", {
+        "deviceMetrics": {"width": 390, "height": 844, "pixelRatio": 3.0, "touch": True},
+        "userAgent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
+                     "(KHTML, like Gecko) Chrome/126.0 Mobile Safari/537.36"})
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_phone_viewport_install_and_offline_shell(server, phone, tmp_path):
+    """At a phone's size the page fits (no sideways scrolling) and answers; it registers its
+    service worker on localhost, and with the server gone the page itself still opens."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    local = url.replace("127.0.0.1", "localhost")  # a secure context: service workers run
+    phone.get(local + "/")
+    assert phone.execute_script("return window.innerWidth") == 390
+    assert phone.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth")
+    WebDriverWait(phone, 30, poll_frequency=0.2).until(lambda d: d.execute_script(
+        "return !!(navigator.serviceWorker && navigator.serviceWorker.controller) || "
+        "(navigator.serviceWorker.getRegistration('/').then(r => window.__sw = !!(r && "
+        "r.active)), !!window.__sw)"))
+    phone.find_element(By.ID, "input").send_keys(COMMAND)
+    phone.find_element(By.ID, "send").click()
+    WebDriverWait(phone, 180, poll_frequency=0.2).until(
+        lambda d: not d.find_element(By.ID, "send").get_property("disabled")
+        and d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")
+        and d.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")[-1].text.strip())
+    assert not phone.find_elements(By.CSS_SELECTOR, ".msg.error")
+    assert phone.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth")
+    shot = tmp_path / "webchat-phone.png"
+    phone.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("EDGEQLORA_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, Path(__file__).resolve().parents[1] / "docs" / "webchat-phone.png")
+    # Offline: the network is cut, the page comes back from the service worker's cache.
+    phone.execute_cdp_cmd("Network.enable", {})
+    phone.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    phone.get(local + "/")
+    assert phone.find_element(By.ID, "input").is_displayed()
+    assert "webchat-test" in phone.title
