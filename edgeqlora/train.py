@@ -47,6 +47,7 @@ def train(cfg: Config, out: Path) -> Path:
     from . import qlora
     from .base import base_fingerprint, resolve_base
     from .data import load_dataset, tokenize_dataset
+    from .evaluate import check_schema
     from .schema import resolve as resolve_schema
 
     out = Path(out)
@@ -66,6 +67,7 @@ def train(cfg: Config, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     train_data = load_dataset(cfg.data)
     schema, schema_source = resolve_schema(cfg.data, cfg.schema)
+    check_schema(schema)
     train_tok = tokenize_dataset(tokenizer, train_data.rows, cfg.max_len)
     eval_rows = _eval_rows(cfg)
     eval_tok = tokenize_dataset(tokenizer, eval_rows, cfg.max_len).examples if eval_rows else []
@@ -127,7 +129,7 @@ def train(cfg: Config, out: Path) -> Path:
     weight_cache = contextlib.ExitStack()
     if ddp.device.type == "cpu":
         weight_cache.enter_context(qlora.dequantized_weights(model))
-    evaluate = Evaluator(model, tokenizer, eval_rows, eval_tok, cfg, ddp)
+    evaluate = Evaluator(model, tokenizer, eval_rows, eval_tok, cfg, ddp, schema)
     history: dict[str, Any] = {}
     history["before"] = (evaluate(0, metrics) if cfg.eval_base else {}) \
         if state["step"] == 0 else metrics.first_eval
@@ -211,7 +213,7 @@ def train(cfg: Config, out: Path) -> Path:
         raise
 
     # 7. Final eval, the adapter, the table.
-    history["after"] = evaluate(state["step"], metrics)
+    history["after"] = evaluate(state["step"], metrics, with_schema=True)
     weight_cache.close()
     metrics.close()
     train_s = state["elapsed_s"] - elapsed_at_start  # step time only, evals excluded

@@ -15,12 +15,13 @@ class Evaluator:
     """Held-out loss, plus exact match / per-field accuracy when the rows carry IoT targets;
     on the main process only (the others wait)."""
 
-    def __init__(self, model, tokenizer, rows, examples, cfg: Config, ddp):
+    def __init__(self, model, tokenizer, rows, examples, cfg: Config, ddp, schema=None):
         self.model, self.tokenizer, self.cfg, self.ddp = model, tokenizer, cfg, ddp
         self.rows, self.examples = rows, examples
         self.task_rows = [r for r in rows if "target" in r]
+        self.schema = schema  # the answers' JSON schema: the final eval reports both ways
 
-    def __call__(self, step: int, metrics) -> dict:
+    def __call__(self, step: int, metrics, with_schema: bool = False) -> dict:
         if not self.rows:
             return {}
         result: dict[str, Any] = {}
@@ -38,7 +39,8 @@ class Evaluator:
             result.update(eval_loss(self.model, batches))
             if self.task_rows:
                 task = evaluate_task(self.model, self.tokenizer, self.task_rows,
-                                     self.cfg.max_new_tokens, bs)
+                                     self.cfg.max_new_tokens, bs,
+                                     schema=self.schema if with_schema else None)
                 samples = task.pop("samples")
                 result.update(task)
                 result["samples"] = samples
@@ -48,6 +50,10 @@ class Evaluator:
             if "exact_match" in result:
                 line += (f", exact match {result['exact_match']:.1%}, "
                          f"parse rate {result['parse_rate']:.1%}")
+            if "schema" in result:
+                k = result["schema"]
+                line += (f"; with the JSON schema: exact match {k['exact_match']:.1%}, valid "
+                         f"{k['valid_json_unconstrained']:.1%} -> {k['valid_json']:.1%}")
             self.ddp.print(line + f" ({result['eval_time_s']}s)")
             metrics.log({"step": step, **{k: v for k, v in result.items() if k != "samples"}},
                         kind="eval")
@@ -146,6 +152,10 @@ def final_table(summary: dict, history: dict) -> None:
             table.add_row(f"  field {field}",
                           fmt((before.get("field_accuracy") or {}).get(field), True),
                           fmt(acc, True))
+        schema = after.get("schema") or {}
+        if "exact_match" in schema:
+            table.add_row("with the JSON schema: exact match / valid", "",
+                          f"{schema['exact_match']:.1%} / {schema['valid_json']:.1%}")
     quant = summary.get("quantization") or {}
     if quant:
         table.add_row("4-bit vs full base: top-1 / KLD",

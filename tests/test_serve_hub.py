@@ -291,3 +291,13 @@ def test_the_page_installs_as_a_web_app(runtime):
         for path in ("/", "/manifest.webmanifest", icon):
             assert f'"{path}"' in sw.text
         assert "/v1" not in sw.text
+
+
+def test_serve_reuses_the_shared_prefix_by_default_run_does_not():
+    from edgeqlora.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "x"]).prompt_cache is True
+    assert parser.parse_args(["serve", "x", "--no-prompt-cache"]).prompt_cache is False
+    assert parser.parse_args(["run", "x"]).prompt_cache is False
+    assert parser.parse_args(["run", "x", "--prompt-cache"]).prompt_cache is True

@@ -271,3 +271,27 @@ def test_prompt_cache_reuses_the_shared_system_prompt(onnx_rt, gguf_rt):
         assert first == onnx_rt.chat(COMMANDS[0], max_new_tokens=12)
         assert second == onnx_rt.chat(COMMANDS[1], max_new_tokens=12, json_schema=SCHEMA)
         assert prompt0 > shared
+
+
+def test_trainer_evaluation_reports_both_ways(tiny_model_dir, tokenizer):
+    """The trainer's final evaluation (transformers, batched greedy): with the schema every
+    answer of a random tiny model is a valid action, and the figures sit beside the free ones."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeqlora.evaluate import SchemaGrammar, check_schema, evaluate_task
+    from edgeqlora.errors import ConfigError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = HELD_OUT[:5]
+    result = evaluate_task(model, tokenizer, rows, max_new_tokens=64, batch_size=4,
+                           schema=SCHEMA)
+    k = result["schema"]
+    assert result["parse_rate"] == 0.0 and k["valid_json_unconstrained"] == 0.0
+    assert k["valid_json"] == 1.0 and k["redecoded"] == 5
+    grammar = SchemaGrammar(SCHEMA, tokenizer, model)
+    assert grammar.accepts(iot.to_json(rows[0]["target"]))
+    assert not grammar.accepts(iot.to_json(rows[0]["target"])[:-1])
+    check_schema(SCHEMA)
+    with pytest.raises(ConfigError, match="Invalid type"):
+        check_schema({"type": "nonsense"})

@@ -114,6 +114,13 @@ def test_train_outputs_and_reload(tiny_model_dir, iot_files, tmp_path, monkeypat
     assert metrics["steps"] == 2 and metrics["tokens_per_s"] > 0
     assert 0 <= metrics["quantization"]["top1"] <= 1
     assert "exact_match" in metrics["eval_before"] and "exact_match" in metrics["eval_after"]
+    # The final evaluation also reports the answers under the schema (2 steps and 8 new
+    # tokens: noise, cut before any object closes, so every answer is decoded again).
+    after_schema = metrics["eval_after"]["schema"]
+    assert set(after_schema) == {"exact_match", "valid_json", "valid_json_unconstrained",
+                                 "redecoded"}
+    assert after_schema["redecoded"] == 4 and after_schema["valid_json_unconstrained"] == 0.0
+    assert "schema" not in metrics["eval_before"]
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 1, 2]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]

@@ -30,7 +30,10 @@ def show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, prompt_cache: bool = False) -> None:
+    """The flags every command that loads an export shares. ``prompt_cache``: reusing the KV
+    cache of a shared prompt prefix is this command's default (``serve``: requests share a
+    system prompt), with ``--no-prompt-cache`` to turn it off."""
     p.add_argument("export", help="an export directory (manifest.json) or a .gguf file")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: all cores but one; EDGEQLORA_THREADS overrides)")
@@ -42,10 +45,18 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "LoRA inputs")
     p.add_argument("--lora-scale", type=float, default=None,
                    help="GGUF only: the adapter's strength (default 1.0)")
-    p.add_argument("--prompt-cache", action="store_true",
-                   help="keep the KV cache of the last request and reuse its shared prefix "
-                        "(a system prompt is evaluated once); faster, but an answer may then "
-                        "differ in the last digits of its logits with what ran before it")
+    if prompt_cache:
+        p.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                       help="evaluate every prompt from scratch (default: reuse the KV cache of "
+                            "the prefix a request shares with the previous one, e.g. the "
+                            "system prompt; answers may then differ in the last digits of "
+                            "their logits with what ran before them)")
+    else:
+        p.add_argument("--prompt-cache", action="store_true",
+                       help="keep the KV cache of the last request and reuse its shared "
+                            "prefix (a system prompt is evaluated once); faster, but an answer "
+                            "may then differ in the last digits of its logits with what ran "
+                            "before it")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking every file of the export against the sha256 its "
                         "manifest records (sizes are still checked)")

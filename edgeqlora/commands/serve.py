@@ -12,7 +12,7 @@ HELP = "OpenAI-compatible HTTP server over an export, with a web chat page at /"
 
 
 def add_arguments(p) -> None:
-    add_runtime_args(p)
+    add_runtime_args(p, prompt_cache=True)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8080)
