@@ -164,7 +164,9 @@ class ONNXRuntime(Runtime):
 
     def set_adapter(self, path: str | Path | None) -> None:
         """Switch the LoRA adapter file (onnxruntime ``AdapterFormat``) without reloading the
-        base; ``None`` runs the base alone (rank-0 LoRA inputs)."""
+        base; ``None`` runs the base alone (rank-0 LoRA inputs). The prompt cache is dropped:
+        its keys and values came from the old adapter."""
+        self._kv = None
         if path is None:
             self._run_options, self.lora_path = None, None
             return
