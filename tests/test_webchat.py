@@ -81,8 +81,9 @@ def server(tmp_path):
         log.close()
 
 
-@pytest.fixture
-def browser(tmp_path):
+def _chromium(profile: Path, *flags: str, mobile: dict | None = None):
+    """Headless Chromium through Selenium with an explicit driver (Selenium Manager would
+    otherwise try to download one); skips when the browser or selenium is missing."""
     if not CHROMIUM or not CHROMEDRIVER:
         pytest.skip("headless Chromium needs Debian's chromium and chromium-driver packages "
                     "(apt-get install -y chromium chromium-driver)")
@@ -95,10 +96,16 @@ def browser(tmp_path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=900,640", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                 f"--user-data-dir={profile}", *flags):
         opts.add_argument(flag)
-    # An explicit driver path: Selenium Manager would otherwise try to download one.
-    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    if mobile is not None:
+        opts.add_experimental_option("mobileEmulation", mobile)
+    return webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+
+
+@pytest.fixture
+def browser(tmp_path):
+    driver = _chromium(tmp_path / "chromium-profile", "--window-size=900,640")
     try:
         yield driver
     finally:
@@ -158,25 +165,10 @@ def test_webchat_streams_a_smart_home_answer(server, browser, tmp_path):
 @pytest.fixture
 def phone(tmp_path):
     """Headless Chromium emulating a phone (390 x 844 CSS pixels, touch, a mobile user agent)."""
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("headless Chromium needs Debian's chromium and chromium-driver packages "
-                    "(apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver",
-                                    reason="needs the selenium package (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chromium-phone'}"):
-        opts.add_argument(flag)
-    opts.add_experimental_option("mobileEmulation", {
+    driver = _chromium(tmp_path / "chromium-phone", mobile={
         "deviceMetrics": {"width": 390, "height": 844, "pixelRatio": 3.0, "touch": True},
         "userAgent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
                      "(KHTML, like Gecko) Chrome/126.0 Mobile Safari/537.36"})
-    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
     try:
         yield driver
     finally:
