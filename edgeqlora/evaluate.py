@@ -162,18 +162,18 @@ class SchemaGrammar:
 
     def __init__(self, schema: dict, tokenizer, model):
         from .errors import require
+        from .runtimes.constrain import Grammar
 
-        llg = require("llguidance", "train", "evaluating with a JSON schema")
+        require("llguidance", "train", "evaluating with a JSON schema")
         from llguidance.hf import from_tokenizer
 
         vocab = int(model.get_output_embeddings().weight.shape[0])
         self.tokenizer = tokenizer
-        self.lltok = from_tokenizer(tokenizer, n_vocab=vocab)
-        self.grammar = llg.LLMatcher.grammar_from_json_schema(schema)
-        self.llg = llg
+        # The runtimes' compiled grammar, over the Hugging Face tokenizer's vocabulary.
+        self.grammar = Grammar(schema, from_tokenizer(tokenizer, n_vocab=vocab))
 
     def matcher(self):
-        return self.llg.LLMatcher(self.lltok, self.grammar, log_level=0)
+        return self.grammar.matcher()
 
     def accepts(self, text: str) -> bool:
         ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]

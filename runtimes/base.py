@@ -26,7 +26,9 @@ import numpy as np
 from edgeqlora.errors import InputError
 
 from .chat_template import ChatTemplate
-from .constrain import ANY_OBJECT, Grammar, allowed_mask, load_schema, schema_error
+from edgeqlora.schema import load_schema
+
+from .constrain import ANY_OBJECT, Grammar, allowed_mask, schema_error
 
 # Refuse absurd requests before they reach C code: a typo like max_new_tokens=10**9 should fail
 # with a message, not allocate.

@@ -28,7 +28,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from edgeqlora.errors import InputError, require
-from edgeqlora.schema import load_schema  # noqa: F401  (the runtimes' way to read one)
 
 # A JSON Schema that any single JSON object satisfies: OpenAI's response_format json_object.
 ANY_OBJECT: dict[str, Any] = {"type": "object"}

@@ -96,10 +96,6 @@ def response_schema(body: Mapping[str, Any], default: Any) -> Any:
                        "json_schema", param="response_format")
 
 
-def schema_key(schema: Any) -> str:
-    return schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
-
-
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own (two apps in one process, as
     in the tests, do not collide)."""

@@ -301,3 +301,12 @@ def test_serve_reuses_the_shared_prefix_by_default_run_does_not():
     assert parser.parse_args(["serve", "x", "--no-prompt-cache"]).prompt_cache is False
     assert parser.parse_args(["run", "x"]).prompt_cache is False
     assert parser.parse_args(["run", "x", "--prompt-cache"]).prompt_cache is True
+
+
+@pytest.mark.parametrize("flags, match", [(["--max-queue", "0"], "max_queue=0"),
+                                          (["--api-key", " "], "API key is empty")])
+def test_bad_server_limits_are_one_line(export, flags, match):
+    out = subprocess.run([sys.executable, "-m", "edgeqlora", "serve", str(export), "--port",
+                          str(_free_port()), *flags], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and match in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "serving" not in out.stderr

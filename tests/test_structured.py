@@ -299,3 +299,20 @@ def test_trainer_evaluation_reports_both_ways(tiny_model_dir, tokenizer):
     check_schema(SCHEMA)
     with pytest.raises(ConfigError, match="Invalid type"):
         check_schema({"type": "nonsense"})
+
+
+def test_gguf_prompt_cache_under_the_schema():
+    """serve's default: constrained answers with the KV cache of the shared prefix kept. Each
+    stays valid, and a second command with the same system prompt decodes only its own part."""
+    from edgeqlora import runtimes
+    from edgeqlora.base import embedded_gguf_path
+
+    with runtimes.load(embedded_gguf_path(), n_ctx=512, prompt_cache=True) as rt:
+        fed = []
+        real = rt._llm.eval
+        rt._llm.eval = lambda tokens: (fed.append(len(tokens)), real(tokens))[1]
+        assert valid(rt.chat(COMMANDS[0], max_new_tokens=96, json_schema=SCHEMA))
+        fed.clear()
+        assert valid(rt.chat(COMMANDS[1], max_new_tokens=96, json_schema=SCHEMA))
+        system = len(rt.chat_ids([COMMANDS[1][0]], add_generation_prompt=False))
+        assert fed[0] <= len(rt.chat_ids(COMMANDS[1])) - system
