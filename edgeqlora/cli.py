@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         _no_library_progress_bars()
     previous = _catch_sigterm()
     try:
+        if getattr(args, "threads", None) is not None:
+            from . import threads
+
+            threads.set_override(args.threads)  # every stage's torch, llama.cpp, onnxruntime
         return int(args.func(args) or 0)
     except EdgeQloraError as exc:
         if args.debug:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from . import threads
 from .errors import ConfigError, EdgeQloraError
 
 
@@ -40,10 +41,13 @@ def prompt_messages(row: dict) -> list[dict]:
 
 def greedy_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
                     batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
-                    grammar: Any = None) -> list[str]:
+                    grammar: Any = None, stop_when_scored: bool = False) -> list[str]:
     """Greedy completions of ``conversations`` (chat messages ending before the answer), in
     batches, left-padded; prompts are sorted by length so a batch wastes little padding.
-    ``grammar`` (``SchemaGrammar``) constrains every answer to its JSON schema."""
+    ``grammar`` (``SchemaGrammar``) constrains every answer to its JSON schema.
+    ``stop_when_scored``: a row stops once the first ``{`` of its answer has closed into a JSON
+    object (``_Scored``): what ``tasks.iot.score`` reads is then fixed, so the tokens after it
+    (an untrained model rambles on to ``max_new_tokens``) cannot change a figure."""
     from .qlora import dequantized_weights, guard_cpu_4bit
 
     guard_cpu_4bit(model)
@@ -64,18 +68,20 @@ def greedy_generate(model, tokenizer, conversations: list[list[dict]], max_new_t
     try:
         with dequantized_weights(model):
             _generate_batches(model, tokenizer, encoded, order, outputs, pad_id, eos,
-                              max_new_tokens, batch_size, device, on_batch, grammar)
+                              max_new_tokens, batch_size, device, on_batch, grammar,
+                              stop_when_scored)
     finally:
         model.train(was_training)
     return outputs
 
 
 def _generate_batches(model, tokenizer, encoded, order, outputs, pad_id, eos, max_new_tokens,
-                      batch_size, device, on_batch, grammar=None) -> None:
+                      batch_size, device, on_batch, grammar=None, stop_when_scored=False) -> None:
     import torch
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     for start in range(0, len(order), batch_size):
+        threads.adapt()
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
@@ -86,14 +92,64 @@ def _generate_batches(model, tokenizer, encoded, order, outputs, pad_id, eos, ma
             mask[row, width - n:] = 1
         extra = {} if grammar is None else {"logits_processor": LogitsProcessorList(
             [grammar.processor(len(idx), width, eos)])}
+        scored = _Scored(tokenizer, width, len(idx)) if stop_when_scored else None
+        if scored is not None:
+            extra["stopping_criteria"] = StoppingCriteriaList([scored])
         with torch.no_grad():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad_id, eos_token_id=eos, **extra)
         for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+            end = gen.shape[1] if scored is None or scored.at[row] is None else scored.at[row]
+            outputs[i] = tokenizer.decode(gen[row, width:end], skip_special_tokens=True)
         if on_batch:
             on_batch(len(idx))
+
+
+class _Scored:
+    """A ``generate`` stopping rule: a row is done once the first ``{`` of its answer has closed
+    into a JSON value. ``tasks.iot.parse_action`` reads the first ``{`` that decodes, and a
+    value that decodes from the first ``{`` of a text decodes the same whatever follows it, so
+    the score of the row is fixed from there. ``at[row]``: the length the row stopped at (what
+    comes after is padding)."""
+
+    def __init__(self, tokenizer, width: int, rows: int):
+        import json
+
+        self.tokenizer, self.width = tokenizer, width
+        self.decoder = json.JSONDecoder()
+        self.at: list[int | None] = [None] * rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import json
+
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in range(input_ids.shape[0]):
+            if self.at[row] is not None:
+                done[row] = True
+                continue
+            if not self._closes(int(input_ids[row, -1])):
+                continue
+            text = self.tokenizer.decode(input_ids[row, self.width:], skip_special_tokens=True)
+            start = text.find("{")
+            if start < 0:
+                continue
+            try:
+                self.decoder.raw_decode(text, start)
+            except json.JSONDecodeError:
+                continue
+            self.at[row] = input_ids.shape[1]
+            done[row] = True
+        return done
+
+    def _closes(self, token: int) -> bool:
+        """Whether ``token``'s text has a ``}``: only then can a value have just closed."""
+        cache = self.__dict__.setdefault("_close_cache", {})
+        if token not in cache:
+            cache[token] = "}" in self.tokenizer.decode([token])
+        return cache[token]
 
 
 def eval_loss(model, batches: Iterable[dict]) -> dict[str, float]:
@@ -109,6 +165,7 @@ def eval_loss(model, batches: Iterable[dict]) -> dict[str, float]:
     try:
         with torch.no_grad(), dequantized_weights(model):
             for batch in batches:
+                threads.adapt()
                 loss_sum, n = token_loss(model, batch)
                 total += float(loss_sum)
                 count += n
@@ -124,13 +181,15 @@ def evaluate_task(model, tokenizer, rows: list[dict], max_new_tokens: int = 64,
     sample outputs for the log. With ``schema``, also ``schema``: exact match and valid-JSON
     rate with the answers constrained to it (only the answers its grammar does not accept are
     decoded again: the others are what constrained decoding writes), beside the valid-JSON
-    rate without."""
+    rate without. Without ``schema`` a row stops once its JSON object has closed
+    (``stop_when_scored``); with it every row runs to its end, since the valid-JSON rate without
+    the schema reads the whole answer."""
     from .tasks.iot import score
 
     conversations = [prompt_messages(r) for r in rows]
     targets = [r["target"] for r in rows]
     outputs = greedy_generate(model, tokenizer, conversations, max_new_tokens, batch_size,
-                              on_batch=on_batch)
+                              on_batch=on_batch, stop_when_scored=schema is None)
     result = score(outputs, targets)
     result["samples"] = [{"prompt": c[-1]["content"], "output": o}
                          for c, o in zip(conversations[:3], outputs[:3])]

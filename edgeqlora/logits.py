@@ -7,6 +7,8 @@ every sequence of a batch shares is run once with its KV cache repeated for the 
 
 from __future__ import annotations
 
+from . import threads
+
 
 def forward_logits(model, sequences: list[list[int]], max_batch_tokens: int = 2048,
                    rows=None) -> list:
@@ -31,6 +33,7 @@ def forward_logits(model, sequences: list[list[int]], max_batch_tokens: int = 20
                 <= max(max_batch_tokens, width):
             end += 1
         batch = [list(sequences[i]) for i in order[start:end]]
+        threads.adapt()
         with torch.no_grad():
             logits = _batch_logits(model, batch, device)
         for r, i in enumerate(order[start:end]):

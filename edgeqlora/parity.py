@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from . import threads
 from .constrained_eval import answers
 from .errors import InputError, ParityError
 from .metrics import distinct_positions, kl_divergence, nll, summarize
@@ -91,6 +92,7 @@ class TorchReference:
     def logits(self, token_ids):
         import torch
 
+        threads.adapt()
         with torch.no_grad():
             x = torch.tensor([list(token_ids)], dtype=torch.long, device=self.model.device)
             return self.model(x).logits[0].float().cpu().numpy()

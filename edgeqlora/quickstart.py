@@ -99,6 +99,24 @@ def _sizes(base_params: int | None) -> dict[str, int]:
             "nf4": int(base_params * (0.5 + 1 / 64 + 4 / (64 * 256)))}
 
 
+def stage_times(timings: dict[str, float]) -> list[tuple[str, float]]:
+    """The quickstart's stage times as table rows, in the order they ran; the training stage's
+    base evaluation, steps and final evaluation indented under it."""
+    names = {"train_s": "training stage", "base_eval_s": "  base evaluation (untrained)",
+             "train_steps_s": "  training steps", "final_eval_s": "  final evaluation",
+             "parity_s": "parity", "device_aware_s": "device-aware run"}
+    rows = []
+    for key, seconds in timings.items():
+        if key in names:
+            label = names[key]
+        elif key.startswith("export_") and key.endswith("_s"):
+            label = "export " + key[len("export_"):-len("_s")]
+        else:
+            label = key.removesuffix("_s").replace("_", " ")
+        rows.append((label, float(seconds)))
+    return rows
+
+
 def _base_eval(run: Path) -> dict[str, Any]:
     """The step-0 evaluation (the untrained base) from a run's metrics.jsonl."""
     path = run / "metrics.jsonl"
@@ -150,6 +168,12 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
     metrics = manifest.get("metrics", {})
     before = metrics.get("eval_before") or _base_eval(out)
     after = metrics.get("eval_after", {})
+    # The training stage's parts (the rest is loading, the quantization report, the adapter).
+    for key, value in (("base_eval_s", before.get("eval_time_s")),
+                       ("train_steps_s", metrics.get("train_time_s")),
+                       ("final_eval_s", after.get("eval_time_s"))):
+        if value is not None:
+            timings[key] = float(value)
 
     # 2. Exports.
     exports: list[dict[str, Any]] = []
@@ -415,6 +439,15 @@ def print_table(summary: dict[str, Any]) -> None:
                       _fmt(row.get("top1"), "pct"), _fmt(row.get("identical_answers")),
                       _fmt(row.get("decode_tokens_per_s")))
     console.print(table)
+    times = stage_times(summary.get("timings_s") or {})
+    if times:
+        stages = Table(title="where the time went")
+        stages.add_column("stage")
+        stages.add_column("seconds", justify="right")
+        for name, seconds in times:
+            stages.add_row(name, f"{seconds:,.1f}")
+        stages.add_row("total", _fmt(summary.get("total_s")))
+        console.print(stages)
     for s in summary.get("samples", []):
         console.print(f"[bold]{s['command']}[/bold] -> {s['answer']}  ({s['export']})")
     for what in summary.get("not_built", []):

@@ -37,6 +37,7 @@ from .distributed import Distributed, loss_module
 from .device_base import check_model as device_check, is_device_quant
 from .errors import ConfigError, TrainingError
 from .heldout import sample_rows
+from . import threads
 from .train_report import Evaluator, Metrics, Progress, final_table, jsonable
 
 
@@ -47,6 +48,7 @@ def train(cfg: Config, out: Path) -> Path:
     from . import qlora
     from .base import base_fingerprint, resolve_base
     from .data import load_dataset, tokenize_dataset
+    from .eval_cache import base_eval_key
     from .evaluate import check_schema
     from .schema import resolve as resolve_schema
 
@@ -81,6 +83,7 @@ def train(cfg: Config, out: Path) -> Path:
     # 2. The quantized base, and what quantization costs it on held-out tokens.
     model = qlora.load_base(base_path, cfg.quant, cfg.double_quant, cfg.compute_dtype,
                             ddp.device)
+    threads.adapt(say, force=True)  # torch's threads: the free cores (edgeqlora.threads)
     quant_report = {}
     if ddp.is_main and cfg.quant != "none" and cfg.quant_report_tokens > 0:
         quant_report = _quant_report(model, base_path, eval_tok or train_tok.examples, cfg,
@@ -131,8 +134,13 @@ def train(cfg: Config, out: Path) -> Path:
         weight_cache.enter_context(qlora.dequantized_weights(model))
     evaluate = Evaluator(model, tokenizer, eval_rows, eval_tok, cfg, ddp, schema)
     history: dict[str, Any] = {}
-    history["before"] = (evaluate(0, metrics) if cfg.eval_base else {}) \
-        if state["step"] == 0 else metrics.first_eval
+    fingerprint = base_fingerprint(base_path, cfg.base)
+    if state["step"] == 0:
+        key = base_eval_key(cfg, fingerprint, eval_rows, eval_tok, ddp.device.type) \
+            if cfg.eval_base and eval_rows else None
+        history["before"] = evaluate.base(metrics, key) if cfg.eval_base else {}
+    else:
+        history["before"] = metrics.first_eval
     last_saved = state["step"] if resume_from is not None else None
     per_rank = cfg.batch_size // ddp.world
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
@@ -144,6 +152,7 @@ def train(cfg: Config, out: Path) -> Path:
     try:
         with progress, stop:
             while state["step"] < cfg.max_steps:
+                threads.adapt(say)  # a core another job took (or gave back) since
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 # The step's examples: batch_size x grad_accum from a seeded per-epoch shuffle;
                 # this process takes its slice of every micro-batch.
@@ -226,7 +235,7 @@ def train(cfg: Config, out: Path) -> Path:
     }
     adapter = out / "adapter"
     if ddp.is_main:
-        _write_adapter(adapter, model, cfg, base_path, base_fingerprint(base_path, cfg.base),
+        _write_adapter(adapter, model, cfg, base_path, fingerprint,
                        train_data, train_tok, summary, (schema, schema_source))
         final_table(summary, history)
     ddp.barrier()

@@ -38,8 +38,17 @@ class Evaluator:
             t0, cpu0 = time.perf_counter(), time.process_time()
             result.update(eval_loss(self.model, batches))
             if self.task_rows:
+                from .progress import Ticker
+
+                ticker = Ticker(f"eval @ step {step}", len(self.task_rows), "answers")
+                done = [0]
+
+                def answered(n: int) -> None:
+                    done[0] += n
+                    ticker.update(done[0])
+
                 task = evaluate_task(self.model, self.tokenizer, self.task_rows,
-                                     self.cfg.max_new_tokens, bs,
+                                     self.cfg.max_new_tokens, bs, on_batch=answered,
                                      schema=self.schema if with_schema else None)
                 samples = task.pop("samples")
                 result.update(task)
@@ -57,6 +66,33 @@ class Evaluator:
             self.ddp.print(line + f" ({result['eval_time_s']}s)")
             metrics.log({"step": step, **{k: v for k, v in result.items() if k != "samples"}},
                         kind="eval")
+        self.ddp.barrier()
+        return result
+
+
+    def base(self, metrics, key: str | None) -> dict:
+        """The step-0 evaluation (the untrained base), from the cache of earlier runs with the
+        same base, data and settings when there is one (``edgeqlora.eval_cache``), else run
+        and kept there. ``key``: None skips the cache."""
+        from . import eval_cache
+
+        cached = eval_cache.load(key) if key and self.ddp.is_main and self.rows else None
+        if cached is None:
+            result = self(0, metrics)
+            if key and self.ddp.is_main:
+                eval_cache.store(key, result)
+            return result
+        result = {**cached, "cached_eval_time_s": cached.get("eval_time_s"),
+                  "eval_time_s": 0.0, "eval_cpu_s": 0.0, "cached": True}
+        line = f"eval @ step 0: loss {result['eval_loss']:.4f}"
+        if "exact_match" in result:
+            line += (f", exact match {result['exact_match']:.1%}, "
+                     f"parse rate {result['parse_rate']:.1%}")
+        self.ddp.print(line + " (the untrained base: kept from an earlier run on the same base, "
+                       f"data and settings, which took {result['cached_eval_time_s']}s; "
+                       "EDGEQLORA_EVAL_CACHE=0 evaluates it again)")
+        metrics.log({"step": 0, **{k: v for k, v in result.items() if k != "samples"}},
+                    kind="eval")
         self.ddp.barrier()
         return result
 
@@ -102,17 +138,23 @@ class Metrics:
 
 
 class Progress:
-    """A rich progress bar with loss, tokens/s and ETA (main process only)."""
+    """Loss, tokens/s and ETA (main process only): a rich progress bar on a terminal, else a
+    plain line every ``EDGEQLORA_PROGRESS_S`` seconds (``edgeqlora.progress``)."""
 
     def __init__(self, total: int, done: int, enabled: bool):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
+        from .progress import Ticker, off_terminal
+
+        plain = off_terminal()
+        self.ticker = Ticker("train", total, "step", done, enabled=enabled and plain)
+
         self.progress = Progress(
             TextColumn("train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            disable=not enabled)
+            disable=not enabled or plain)
         self.task = self.progress.add_task("train", total=total, completed=done, loss="-",
                                            tps="-")
 
@@ -125,6 +167,7 @@ class Progress:
 
     def update(self, step: int, loss: float, tps: float) -> None:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+        self.ticker.update(step, loss=loss, tok_s=tps)
 
 
 def final_table(summary: dict, history: dict) -> None:

@@ -17,12 +17,12 @@ import codecs
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from edgeqlora import threads
 from edgeqlora.errors import InputError
 
 from .chat_template import ChatTemplate
@@ -37,28 +37,17 @@ GRAMMAR_CACHE = 8  # compiled JSON schemas kept per runtime
 
 
 def default_threads() -> int:
-    """Threads for llama.cpp / onnxruntime: every core this process may use except one.
+    """Threads for llama.cpp / onnxruntime: the free cores this process may use, never the
+    last one (``edgeqlora.threads``, which has the measurements; ``EDGEQLORA_THREADS``
+    overrides).
 
     Why not all of them: llama.cpp's worker threads meet at a spinning barrier after every op, so
     one thread preempted by another process stalls all of them. Measured on a 2-core machine with
     the 135M Q4_1 model: 2 threads decode ~120-137 tok/s when idle but ~13 tok/s as soon as
     another process holds a core, while 1 thread keeps ~118 tok/s. Decoding is memory-bandwidth
-    bound, so the last core adds little even when idle. ``EDGEQLORA_THREADS`` overrides.
+    bound, so the last core adds little even when idle.
     """
-    env = os.environ.get("EDGEQLORA_THREADS", "").strip()
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise InputError(f"EDGEQLORA_THREADS={env!r} is not an integer") from None
-        if value < 1:
-            raise InputError(f"EDGEQLORA_THREADS={value} must be >= 1")
-        return value
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return threads.runtime_threads()
 
 
 @dataclasses.dataclass

@@ -60,3 +60,21 @@ def test_merge_measurement_and_export_reference_use_the_cache(adapter, tmp_path,
     assert scores["original"]["tokens"] > 0
     ref = export_inputs.trained_reference(a, out, 64)
     assert ref.logits(0).shape[0] == len(ref.sequences[0])
+
+
+def test_evaluation_uses_the_cache(adapter, tokenizer_dir, no_4bit_matmul):
+    """The trainer's evaluations (held-out loss, greedy answers) on the 4-bit model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgeqlora.evaluate import eval_loss, greedy_generate
+    from edgeqlora.qlora import load_trained
+
+    model = load_trained(adapter, device="cpu")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = greedy_generate(model, tok, [[{"role": "user", "content": "lamp on"}]], 4)
+    assert len(out) == 1
+    ids = torch.tensor([[1, 2, 3, 4]])
+    loss = eval_loss(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                              "labels": ids}])
+    assert loss["eval_tokens"] == 3

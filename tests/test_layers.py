@@ -16,7 +16,8 @@ FOLDERS = {"edgeqlora": "edgeqlora", "exporters": "edgeqlora.exporters",
            "runtimes": "edgeqlora.runtimes", "devices": "edgeqlora.devices"}
 # The torch-free core every folder may use (docs/architecture.md, "The core").
 CORE = {"edgeqlora", "edgeqlora.errors", "edgeqlora.artifacts", "edgeqlora.metrics",
-        "edgeqlora.heldout", "edgeqlora.rows", "edgeqlora.config", "edgeqlora.schema"}
+        "edgeqlora.heldout", "edgeqlora.rows", "edgeqlora.config", "edgeqlora.schema",
+        "edgeqlora.threads", "edgeqlora.progress"}
 CORE_PACKAGES = ("edgeqlora.tasks",)
 # Third-party libraries a layer must never import (training-side and heavy ones).
 TRAINING_LIBS = {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}

@@ -11,6 +11,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="an optional YAML recipe, then key=value overrides (they win)")
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch, llama.cpp and onnxruntime (default: the cores "
+                        "other processes leave free, looked at again as the run goes; "
+                        "EDGEQLORA_THREADS does the same)")
+
+
 def split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
     """``[RECIPE.yaml] key=value ...`` -> (recipe or None, overrides)."""
     if items and "=" not in items[0]:
@@ -36,7 +43,8 @@ def add_runtime_args(p: argparse.ArgumentParser, prompt_cache: bool = False) -> 
     system prompt), with ``--no-prompt-cache`` to turn it off."""
     p.add_argument("export", help="an export directory (manifest.json) or a .gguf file")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: all cores but one; EDGEQLORA_THREADS overrides)")
+                   help="CPU threads (default: the free cores but never the last one; "
+                        "EDGEQLORA_THREADS does the same)")
     p.add_argument("--n-ctx", type=int, default=None, help="context window in tokens "
                    "(default 2048)")
     p.add_argument("--lora", default=None, metavar="ADAPTER",

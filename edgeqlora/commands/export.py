@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import MERGE_BASES
-from ._common import add_config_args, load_cfg, show_progress
+from ._common import add_config_args, add_threads_arg, load_cfg, show_progress
 
 HELP = "merge an adapter and export it (GGUF or ONNX), verified and parity-gated"
 
 
 def add_arguments(p) -> None:
+    add_threads_arg(p)
     p.add_argument("adapter", help="adapter directory written by 'edgeqlora train'")
     add_config_args(p)
     p.add_argument("--out", required=True, help="export directory to write")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_config_args, split_recipe
+from ._common import add_config_args, add_threads_arg, split_recipe
 
 HELP = "embedded model + task: train, export, parity, demo"
 
 
 def add_arguments(p) -> None:
+    add_threads_arg(p)
     add_config_args(p)
     p.add_argument("--out", default="runs/quickstart", help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing --out")

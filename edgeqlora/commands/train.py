@@ -6,12 +6,13 @@ import os
 import time
 from pathlib import Path
 
-from ._common import add_config_args, load_cfg
+from ._common import add_config_args, add_threads_arg, load_cfg
 
 HELP = "QLoRA fine-tuning: base model + data -> adapter/"
 
 
 def add_arguments(p) -> None:
+    add_threads_arg(p)
     add_config_args(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from edgeqlora import threads
 from edgeqlora.errors import ExportError
 
 
@@ -128,7 +128,7 @@ def quantize_rows(data, qtype, imatrix=None, nthread: int = 0):
         raise ExportError(f"{qtype.name} needs an importance matrix")
     qw_ptr = qw.ctypes.data if qw is not None else None
     # Row chunks in threads, as llama.cpp's quantizer does; ctypes releases the GIL per call.
-    workers = max(1, min(nthread or (os.cpu_count() or 1), nrows))
+    workers = max(1, min(nthread or threads.free_cores(), nrows))
     step = max(1, -(-nrows // workers))
 
     def run(r0: int) -> int:

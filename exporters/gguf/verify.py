@@ -9,10 +9,10 @@ uses, LoRA adapter included; nothing here loads torch or transformers.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from edgeqlora import threads
 from edgeqlora.errors import ExportError
 
 from . import common
@@ -104,9 +104,9 @@ def verify(model_path: str | Path, reference, thresholds: dict[str, float],
     from edgeqlora.runtimes.gguf import GGUFRuntime
 
     n_ctx = max(max((len(s) for s in reference.sequences), default=0) + 8, 64)
-    # One batch per sequence (n_batch = n_ctx), every core: what the check measured before it
-    # went through the runtime.
-    with GGUFRuntime(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
+    # One batch per sequence (n_batch = n_ctx), every free core (a batched prompt is
+    # compute-bound, unlike decoding; a core another process holds would stall the rest).
+    with GGUFRuntime(model_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads.free_cores(),
                      lora_path=lora_path) as runtime:
         # In order, so consecutive sequences reuse their shared prefix's KV cache.
         stream = runtime.iter_logits(reference.sequences)

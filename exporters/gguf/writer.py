@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from edgeqlora import threads
 from edgeqlora.errors import ConfigError, ExportError, MissingDependencyError
 
 from . import common
@@ -192,7 +192,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, quant: str, nthread: int = 0
                                      f"{LLAMA_CPP_INSTALL}") from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[quant])
-    params.nthread = nthread or (os.cpu_count() or 1)
+    params.nthread = nthread or threads.free_cores()
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
                                         ctypes.byref(params))
     # It reports failure through its return value (and a log line), never by raising.

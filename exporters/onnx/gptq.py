@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgeqlora import threads
 from edgeqlora.errors import ConfigError, InputError
 
 from .graph import add_ms_domain, quantizer_module, weight_matmuls
@@ -80,7 +81,9 @@ def hessians(model, nodes, sequences: list[list[int]]) -> dict[str, Any]:
         raise InputError("GPTQ calibration of a model over 2 GB is not supported; use int4 "
                          "or int4-hqq") from None
     del probe
-    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads.free_cores()  # not a core another process holds
+    sess = ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
     del blob
     h = {}
     tokens = 0
@@ -162,14 +165,33 @@ def apply_gptq(model, sequences: list[list[int]], bits: int, block_size: int,
                accuracy_level: int, progress: bool = False) -> int:
     """Replace every weight MatMul still in ``model`` by a GPTQ-quantized MatMulNBits (in
     place); returns how many. Calibration activations come from the model itself (fp32)."""
+
+    if bits != 4:
+        raise ConfigError(f"GPTQ here writes 4-bit MatMulNBits, not {bits}-bit")
+    nodes = weight_matmuls(model)
+    with blas_threads(threads.free_cores()):
+        return _apply_gptq(model, nodes, sequences, bits, block_size, accuracy_level, progress)
+
+
+def blas_threads(n: int):
+    """numpy's BLAS (OpenBLAS) held to ``n`` threads: its threads, like OpenMP's, wait for each
+    other at every call, so one on a core another process holds stalls the Cholesky and the
+    column updates (threadpoolctl; without it the BLAS keeps its own count)."""
+    import contextlib
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def _apply_gptq(model, nodes, sequences, bits, block_size, accuracy_level, progress) -> int:
     import numpy as np
     from onnx import numpy_helper
     from onnxruntime.quantization.neural_compressor.weight_only import (
         make_matmul_weight_only_node)
 
-    if bits != 4:
-        raise ConfigError(f"GPTQ here writes 4-bit MatMulNBits, not {bits}-bit")
-    nodes = weight_matmuls(model)
     hs = hessians(model, nodes, sequences)
     inits = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
@@ -177,6 +199,9 @@ def apply_gptq(model, sequences: list[list[int]], bits: int, block_size: int,
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     replaced = {}
+    from edgeqlora.progress import Ticker
+
+    ticker = Ticker("GPTQ", len(nodes), "weights", enabled=None if not progress else False)
     it = nodes
     if progress:
         from rich.progress import track
@@ -197,6 +222,7 @@ def apply_gptq(model, sequences: list[list[int]], bits: int, block_size: int,
             k_blocks=k_blocks, q_weight=q, scale=np.ascontiguousarray(scales.T),
             zero_point=None, accuracy_level=accuracy_level)
         replaced[id(node)] = (new, new_inits)
+        ticker.update(len(replaced))
     new_nodes = []
     for node in model.graph.node:
         if id(node) in replaced:
