@@ -412,13 +412,23 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
 def _progress_printer(enabled: bool) -> Callable[[str], None]:
     if not enabled:
         return lambda msg: None
+    from .progress import every_s, off_terminal
+
     last = {"t": 0.0, "prefix": None}
+    # Per-example messages at most 4 times a second on a terminal; in a log, one every
+    # EDGEQLORA_PROGRESS_S seconds (a new phase always shows).
+    gap = every_s() if off_terminal() else 0.25
 
     def say(msg: str) -> None:
-        # Throttled one-line progress on stderr: per-example messages at most 4 times a second.
         now = time.monotonic()
-        prefix = msg.split(":")[0]
-        if prefix == last["prefix"] and now - last["t"] < 0.25:
+        # "greedy answers: gguf-q8_0 7/40": the phase is what comes before the count, and the
+        # last count of a phase always shows.
+        head, _, count = msg.rpartition(" ")
+        done, _, total = count.partition("/")
+        counted = bool(head) and done.isdigit() and total.isdigit()
+        prefix = head if counted else msg.split(":")[0]
+        final = counted and done == total
+        if prefix == last["prefix"] and now - last["t"] < gap and not final:
             return
         last["t"], last["prefix"] = now, prefix
         print(f"parity: {msg}", file=sys.stderr, flush=True)

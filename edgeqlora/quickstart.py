@@ -446,7 +446,7 @@ def print_table(summary: dict[str, Any]) -> None:
         stages.add_column("seconds", justify="right")
         for name, seconds in times:
             stages.add_row(name, f"{seconds:,.1f}")
-        stages.add_row("total", _fmt(summary.get("total_s")))
+        stages.add_row("total", f"{summary.get('total_s') or 0:,.1f}")
         console.print(stages)
     for s in summary.get("samples", []):
         console.print(f"[bold]{s['command']}[/bold] -> {s['answer']}  ({s['export']})")

@@ -275,3 +275,16 @@ def test_static_gives_the_counts_from_before_the_policy(monkeypatch):
     assert threads.runtime_threads() == 3
     monkeypatch.delenv("EDGEQLORA_THREADS")
     assert threads.free_cores() == threads.torch_threads() == 1
+
+
+def test_parity_progress_in_a_log_is_a_line_per_phase_and_interval(monkeypatch, capsys):
+    from edgeqlora.parity import _progress_printer
+
+    monkeypatch.setenv("EDGEQLORA_PROGRESS_S", "3600")
+    say = _progress_printer(True)
+    for name in ("a", "b"):
+        for i in range(1, 4):
+            say(f"greedy answers: {name} {i}/3")
+    assert capsys.readouterr().err.splitlines() == [
+        "parity: greedy answers: a 1/3", "parity: greedy answers: a 3/3",
+        "parity: greedy answers: b 1/3", "parity: greedy answers: b 3/3"]
