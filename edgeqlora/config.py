@@ -323,3 +323,23 @@ def to_yaml(cfg: Config) -> str:
     import yaml
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def env_number(name: str, cast: type, minimum: float, default: Any = None,
+               what: str = "a number") -> Any:
+    """The environment variable ``name`` as ``cast`` (int or float), ``default`` when unset or
+    empty; one-line ``InputError`` when it is not a number or is below ``minimum``."""
+    import os
+
+    from .errors import InputError
+
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return default
+    try:
+        value = cast(env)
+    except ValueError:
+        raise InputError(f"{name}={env!r} is not {what}") from None
+    if value < minimum:
+        raise InputError(f"{name}={value} must be >= {minimum}")
+    return value

@@ -8,28 +8,19 @@ stage, the count done of the total, the stage's own figures, elapsed time and a 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any, Callable
 
-from .errors import InputError
+from .config import env_number
 
 DEFAULT_EVERY_S = 30.0
 
 
 def every_s() -> float:
     """``EDGEQLORA_PROGRESS_S`` (seconds between lines; 0 prints every update), or 30."""
-    env = os.environ.get("EDGEQLORA_PROGRESS_S", "").strip()
-    if not env:
-        return DEFAULT_EVERY_S
-    try:
-        value = float(env)
-    except ValueError:
-        raise InputError(f"EDGEQLORA_PROGRESS_S={env!r} is not a number of seconds") from None
-    if value < 0:
-        raise InputError(f"EDGEQLORA_PROGRESS_S={value} must be >= 0")
-    return value
+    return env_number("EDGEQLORA_PROGRESS_S", float, 0, DEFAULT_EVERY_S,
+                      "a number of seconds")
 
 
 def off_terminal() -> bool:

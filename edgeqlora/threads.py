@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .config import env_number
 from .errors import InputError
 
 WINDOW_S = 0.25  # the shortest look at /proc/stat
@@ -76,16 +77,9 @@ def override() -> int | None:
     """``--threads`` if given, else ``EDGEQLORA_THREADS``, else None."""
     if _state["override"] is not None:
         return _state["override"]
-    env = os.environ.get("EDGEQLORA_THREADS", "").strip()
-    if not env or env.lower() == "static":
+    if os.environ.get("EDGEQLORA_THREADS", "").strip().lower() == "static":
         return None
-    try:
-        value = int(env)
-    except ValueError:
-        raise InputError(f"EDGEQLORA_THREADS={env!r} is not an integer") from None
-    if value < 1:
-        raise InputError(f"EDGEQLORA_THREADS={value} must be >= 1")
-    return value
+    return env_number("EDGEQLORA_THREADS", int, 1, None, "an integer (or static)")
 
 
 def available() -> int:
