@@ -201,7 +201,7 @@ def runtime_threads() -> int:
 def adapt(say: Callable[[str], None] | None = None, force: bool = False) -> int | None:
     """Set torch's thread count from the policy, at most every ``RECHECK_S`` seconds (``force``:
     now). Does nothing until torch is imported. Prints the first choice and every change (to
-    ``say``, else stderr). Returns the count, or None when torch is not loaded."""
+    ``say``, else stdout). Returns the count, or None when torch is not loaded."""
     torch = sys.modules.get("torch")
     if torch is None:
         return None
@@ -214,7 +214,8 @@ def adapt(say: Callable[[str], None] | None = None, force: bool = False) -> int 
         torch.set_num_threads(n)
     previous = _state["torch"]
     _state["torch"] = n
-    out = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    # stdout: stderr is where a failing command writes its one line.
+    out = say or (lambda line: print(line, flush=True))
     if not _state["printed"]:
         _state["printed"] = True
         out(f"threads: {describe(n)}")
