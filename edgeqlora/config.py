@@ -328,7 +328,7 @@ def to_yaml(cfg: Config) -> str:
 def env_number(name: str, cast: type, minimum: float, default: Any = None,
                what: str = "a number") -> Any:
     """The environment variable ``name`` as ``cast`` (int or float), ``default`` when unset or
-    empty; one-line ``InputError`` when it is not a number or is below ``minimum``."""
+    empty; one-line ``InputError`` when it is not a finite number or is below ``minimum``."""
     import os
 
     from .errors import InputError
@@ -340,6 +340,8 @@ def env_number(name: str, cast: type, minimum: float, default: Any = None,
         value = cast(env)
     except ValueError:
         raise InputError(f"{name}={env!r} is not {what}") from None
+    if not math.isfinite(value):
+        raise InputError(f"{name}={env!r} must be a finite number")
     if value < minimum:
         raise InputError(f"{name}={value} must be >= {minimum}")
     return value

@@ -55,10 +55,7 @@ class Evaluator:
                 result["samples"] = samples
             result["eval_time_s"] = round(time.perf_counter() - t0, 1)
             result["eval_cpu_s"] = round(time.process_time() - cpu0, 1)
-            line = f"eval @ step {step}: loss {result['eval_loss']:.4f}"
-            if "exact_match" in result:
-                line += (f", exact match {result['exact_match']:.1%}, "
-                         f"parse rate {result['parse_rate']:.1%}")
+            line = _eval_line(step, result)
             if "schema" in result:
                 k = result["schema"]
                 line += (f"; with the JSON schema: exact match {k['exact_match']:.1%}, valid "
@@ -84,17 +81,21 @@ class Evaluator:
             return result
         result = {**cached, "cached_eval_time_s": cached.get("eval_time_s"),
                   "eval_time_s": 0.0, "eval_cpu_s": 0.0, "cached": True}
-        line = f"eval @ step 0: loss {result['eval_loss']:.4f}"
-        if "exact_match" in result:
-            line += (f", exact match {result['exact_match']:.1%}, "
-                     f"parse rate {result['parse_rate']:.1%}")
-        self.ddp.print(line + " (the untrained base: kept from an earlier run on the same base, "
+        self.ddp.print(_eval_line(0, result) + " (the untrained base: kept from an earlier run on the same base, "
                        f"data and settings, which took {result['cached_eval_time_s']}s; "
                        "EDGEQLORA_EVAL_CACHE=0 evaluates it again)")
         metrics.log({"step": 0, **{k: v for k, v in result.items() if k != "samples"}},
                     kind="eval")
         self.ddp.barrier()
         return result
+
+
+def _eval_line(step: int, result: dict) -> str:
+    line = f"eval @ step {step}: loss {result['eval_loss']:.4f}"
+    if "exact_match" in result:
+        line += (f", exact match {result['exact_match']:.1%}, "
+                 f"parse rate {result['parse_rate']:.1%}")
+    return line
 
 
 class Metrics:

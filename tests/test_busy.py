@@ -288,3 +288,27 @@ def test_parity_progress_in_a_log_is_a_line_per_phase_and_interval(monkeypatch, 
     assert capsys.readouterr().err.splitlines() == [
         "parity: greedy answers: a 1/3", "parity: greedy answers: a 3/3",
         "parity: greedy answers: b 1/3", "parity: greedy answers: b 3/3"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_non_finite_or_negative_progress_interval_is_refused(monkeypatch, value):
+    from edgeqlora.progress import every_s
+
+    monkeypatch.setenv("EDGEQLORA_PROGRESS_S", value)
+    with pytest.raises(InputError, match="EDGEQLORA_PROGRESS_S"):
+        every_s()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--threads", "0", "max_steps=1"], "--threads 0 must be >= 1"),
+    (["export", "no-such-adapter", "--out", "x", "--threads", "-2"], "--threads -2 must be >= 1"),
+])
+def test_bad_threads_on_the_command_line_is_one_line(argv, needle, capsys, tmp_path,
+                                                     monkeypatch):
+    from edgeqlora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written
