@@ -29,6 +29,7 @@ are ``edgeqlora.data``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -75,11 +76,19 @@ class LoadedData:
         return text
 
 
-def _embedded_split(spec: str, seed: int) -> list[dict[str, Any]]:
+@functools.lru_cache(maxsize=8)
+def _embedded_jsonl(spec: str, seed: int) -> str:
+    """An embedded split as its JSON Lines text, generated once per process (an export or a
+    run asks for the held-out split several times)."""
     from .tasks import iot
 
     train, eval_rows = iot.generate(seed=seed)
-    return train if EMBEDDED[spec] == "train" else eval_rows
+    return iot.to_jsonl(train if EMBEDDED[spec] == "train" else eval_rows)
+
+
+def _embedded_split(spec: str, seed: int) -> list[dict[str, Any]]:
+    """A fresh copy of the split's rows (callers may change them)."""
+    return [json.loads(line) for line in _embedded_jsonl(spec, seed).split("\n") if line]
 
 
 def check_spec(spec: str | Path) -> tuple[str, Path | None]:
@@ -115,9 +124,7 @@ def dataset_sha256(spec: str | Path, seed: int = 0) -> str:
     """
     text, path = check_spec(spec)
     if path is None:
-        from .tasks import iot
-
-        return hashlib.sha256(iot.to_jsonl(_embedded_split(text, seed)).encode()).hexdigest()
+        return hashlib.sha256(_embedded_jsonl(text, seed).encode()).hexdigest()
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
     h = hashlib.sha256()

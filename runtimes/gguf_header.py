@@ -33,10 +33,12 @@ _STRING, _ARRAY = 8, 9
 _MAX_ARRAY = 4096
 
 
-def read_gguf_header(path: str | Path, error: type[Exception] = InputError
-                     ) -> tuple[dict[str, Any], list[Tensor]]:
+def read_gguf_header(path: str | Path, error: type[Exception] = InputError,
+                     whole_arrays: bool = False) -> tuple[dict[str, Any], list[Tensor]]:
     """Metadata and tensor table of a GGUF file (each tensor's type, ggml dims, sizes and data
-    offset), without reading the tensor data.
+    offset), without reading the tensor data. Arrays longer than 4,096 entries (the vocabulary)
+    are skipped, their length kept, unless ``whole_arrays`` (then every value is read: a list,
+    as ``GGUFReader``'s ``contents()`` gives it; 0.3 s for the 49k-entry vocabulary).
 
     Hand-written because ``gguf.GGUFReader`` builds a numpy view per array element: 9.5 s for
     the 135M model's 98k tokenizer strings on this machine, minutes on a Pi. This reads the
@@ -86,9 +88,23 @@ def read_gguf_header(path: str | Path, error: type[Exception] = InputError
             return string()
         if vtype == _ARRAY:
             itype, count = take("I"), take("Q")
-            if count > _MAX_ARRAY:
+            if whole_arrays and itype in _SCALARS:
+                fmt = "<" + _SCALARS[itype]
+                width = struct.calcsize(fmt)
+                items = [v[0] for v in struct.iter_unpack(fmt, buf[pos:pos + count * width])]
+                if len(items) != count:
+                    raise struct.error("array runs past the end of the file")
+                pos += count * width
+                return items
+            if count > _MAX_ARRAY and not whole_arrays:
                 if itype in _SCALARS:
                     pos += count * struct.calcsize("<" + _SCALARS[itype])
+                elif itype == _STRING:  # the token strings: lengths only, in a tight loop
+                    unpack = struct.Struct("<Q").unpack_from
+                    for _ in range(count):
+                        pos += 8 + unpack(buf, pos)[0]
+                    if pos > len(buf):
+                        raise struct.error("array runs past the end of the file")
                 else:
                     for _ in range(count):
                         value(itype)

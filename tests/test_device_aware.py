@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model, has_module
+from conftest import build_tiny_model, has_module, read_gguf
 
 pytestmark = pytest.mark.skipif(not has_module("llama_cpp"),
                                 reason="the K-quant mixes need llama-cpp-python's kernels")
@@ -67,7 +67,7 @@ def test_training_weights_are_what_llama_cpp_loads(trained, tmp_path, quant):
     by_gguf = {t["gguf"]: name for name, t in record["tensors"].items()}
     digests = tensor_digests(path)
     types = set()
-    for t in gguf.GGUFReader(path).tensors:
+    for t in read_gguf(path)[1]:
         name = by_gguf[t.name]
         assert digests[t.name] == record["tensors"][name]["sha256"]
         w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(state[name].shape)

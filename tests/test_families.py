@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FAMILIES, build_tiny_model, has_module
+from conftest import FAMILIES, build_tiny_model, has_module, read_gguf
 from edgeqlora import train as train_mod
 from edgeqlora.config import build_config
 from edgeqlora.errors import InputError
@@ -198,7 +198,6 @@ def test_vocabulary_of_a_converted_gguf_is_copied_back(tmp_path, tokenizer_dir):
     """A checkpoint converted from a GGUF keeps that GGUF's tokenizer keys beside it
     (``source_metadata.json``, how the embedded Gemma 3 carries its SentencePiece vocabulary):
     the export writes them back verbatim, and llama.cpp tokenizes the export like the source."""
-    import gguf
     from llama_cpp import Llama
 
     from edgeqlora.base import embedded_gguf_path
@@ -213,10 +212,10 @@ def test_vocabulary_of_a_converted_gguf_is_copied_back(tmp_path, tokenizer_dir):
     info = G.write_model_gguf(base, tmp_path / "model.gguf", "f32")
     assert info["vocab"]["source"] == SOURCE_METADATA
     kept = read_source_metadata(base / SOURCE_METADATA)
-    out = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    out = read_gguf(tmp_path / "model.gguf")[0]
     for key in keys:
         if key.startswith("tokenizer."):  # general.* of the export is its own (identity)
-            assert out.fields[key].contents() == kept[key]["value"], key
+            assert out[key] == kept[key]["value"], key
     text = "Turn on the kitchen light at 7:30 <|im_start|> 12345  ok\n\n"
     ids = [Llama(str(p), vocab_only=True, verbose=False).tokenize(text.encode(), special=True)
            for p in (source, tmp_path / "model.gguf")]

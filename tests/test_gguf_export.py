@@ -9,9 +9,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import build_tiny_model, has_module
+from conftest import build_tiny_model, has_module, read_gguf
 from lora_fixtures import make_adapter
 from verify_fixtures import verify_set
 
@@ -42,11 +43,9 @@ def _manifest(d: Path) -> dict:
     return json.loads((d / "manifest.json").read_text())
 
 
-def _fields(path: Path) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items()}, reader
+def _fields(path: Path) -> tuple[dict, list]:
+    """Metadata and tensors, as GGUFReader would give them (conftest.read_gguf)."""
+    return read_gguf(path)
 
 
 def _runtime_logits(path: Path, seqs: list[list[int]], lora: Path | None = None):
@@ -80,7 +79,7 @@ def test_gguf_metadata_and_vocab(f16_export, tiny):
     import gguf
     from transformers import AutoTokenizer
 
-    fields, reader = _fields(f16_export / "model.f16.gguf")
+    fields, tensors = _fields(f16_export / "model.f16.gguf")
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     assert fields["general.architecture"] == "llama"
     assert fields["tokenizer.ggml.model"] == "gpt2"
@@ -95,7 +94,7 @@ def test_gguf_metadata_and_vocab(f16_export, tiny):
     for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert types[tokens.index(special)] == gguf.TokenType.CONTROL
     assert types[tokens.index("hello")] == gguf.TokenType.NORMAL
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in tensors}
     # Tied embeddings: llama.cpp reuses token_embd, so there must be no output.weight.
     assert "token_embd.weight" in names and "output.weight" not in names
     assert fields["llama.attention.head_count_kv"] == 2
@@ -155,13 +154,26 @@ def test_vocab_read_without_transformers_matches_transformers(tokenizer_dir, tmp
 
 def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
     """read_back uses the fast header reader; gguf.GGUFReader is the reference for the tensor
-    table (names, types, ggml shapes, where the data lies). A truncated file is refused."""
+    table (names, types, ggml shapes, where the data lies), and, read with whole arrays, for
+    every metadata value and tensor (what the tests' read_gguf gives). A truncated file is
+    refused."""
+    import gguf
+
     from edgeqlora.errors import ExportError
     from edgeqlora.exporters.gguf import read_back
     from edgeqlora.runtimes.gguf_header import read_gguf_header
 
     path = f16_export / "model.f16.gguf"
-    _, reader = _fields(path)
+    reader = gguf.GGUFReader(str(path))
+    fields, tensors = read_gguf(path)
+    assert fields == {k: f.contents() for k, f in reader.fields.items()
+                      if not k.startswith("GGUF.")}
+    assert len(fields["tokenizer.ggml.tokens"]) == 49152
+    assert [(t.name, t.tensor_type, t.shape, t.data.dtype, t.data.shape) for t in tensors] == [
+        (t.name, t.tensor_type, [int(x) for x in t.shape], t.data.dtype, t.data.shape)
+        for t in reader.tensors]
+    for ours, ref in zip(tensors, reader.tensors):
+        assert ours.data.tobytes() == np.asarray(ref.data).tobytes(), ours.name
     back = read_back(path)
     assert back["tensors"] == {t.name: {"type": t.tensor_type.name,
                                         "shape": [int(x) for x in t.shape]}
@@ -173,6 +185,28 @@ def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
     cut.write_bytes(path.read_bytes()[:-4096])
     with pytest.raises(ExportError, match="is truncated: its tensor data ends at byte"):
         read_back(cut)
+
+
+def test_vocabulary_kept_per_tokenizer_content(tmp_path, tokenizer_dir):
+    """The vocabulary's writer calls are replayed for the same tokenizer files (same bytes as a
+    fresh conversion), never for changed ones: a new chat template reaches the file."""
+    from edgeqlora.exporters import gguf as G
+    from edgeqlora.exporters.gguf import metadata as M
+
+    base = build_tiny_model(tmp_path / "base", tokenizer_dir)
+    M._vocab_calls.clear()
+    G.write_model_gguf(base, tmp_path / "fresh.gguf", "f32")
+    assert len(M._vocab_calls) == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    G.write_model_gguf(copy, tmp_path / "replayed.gguf", "f32")
+    assert len(M._vocab_calls) == 1  # another directory, the same files: replayed
+    assert (tmp_path / "replayed.gguf").read_bytes() == (tmp_path / "fresh.gguf").read_bytes()
+    (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    G.write_model_gguf(copy, tmp_path / "changed.gguf", "f32")
+    assert len(M._vocab_calls) == 2
+    assert read_gguf(tmp_path / "changed.gguf")[0]["tokenizer.chat_template"] == \
+        "{{ messages[0]['content'] }}"
 
 
 def test_tokenizer_files_are_the_merge_stages():
@@ -307,10 +341,10 @@ def test_adapter_only_on_base_gguf_matches_merged(tiny, f16_export, tmp_path):
     m = export_adapter(tiny["adapter"], out, quant="f16", merge_base="original",
                        adapter_only=True, adapter_quant="f32", eval_tokens=96)
     assert m["verification"]["passed"] and m["adapter_only"]
-    fields, reader = _fields(out / "adapter.f32.gguf")
+    fields, tensors = _fields(out / "adapter.f32.gguf")
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
     assert fields["adapter.lora.alpha"] == pytest.approx(16.0)
-    shapes = {t.name: list(t.shape) for t in reader.tensors}
+    shapes = {t.name: list(t.shape) for t in tensors}
     # ggml order: lora_a [in, r], lora_b [r, out]
     assert shapes["blk.0.attn_q.weight.lora_a"] == [64, 8]
     assert shapes["blk.0.attn_q.weight.lora_b"] == [8, 64]
@@ -539,10 +573,8 @@ def test_export_parity_gate_really_gates(tiny, tmp_path, capsys):
 def test_gguf_says_what_it_is(tiny, f16_export):
     """general.* as the hub and llama.cpp's converter write them: the base's name and size, the
     adapter's task as the fine-tune, the base as base_model (not ``general.name = "model"``)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(f16_export / "model.f16.gguf"))
-    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("general.")}
+    fields = {k: v for k, v in read_gguf(f16_export / "model.f16.gguf")[0].items()
+              if k.startswith("general.")}
     base = tiny["base"].name
     assert fields["general.name"] == f"{base} edgeqlora iot"
     assert fields["general.basename"] == base and fields["general.finetune"] == "edgeqlora-iot"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model, has_module
+from conftest import build_tiny_model, has_module, read_gguf
 from lora_fixtures import make_adapter
 
 pytestmark = pytest.mark.skipif(not has_module("llama_cpp"), reason="needs llama-cpp-python")
@@ -78,9 +78,7 @@ def exports(tiny):
 
 
 def _tensors(path: Path) -> dict:
-    import gguf
-
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    return {t.name: t for t in read_gguf(path)[1]}
 
 
 def test_imatrix_rows_match_the_activations(tiny, imatrix):

@@ -9,19 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import build_tiny_model, has_module
+from conftest import build_tiny_model, has_module, read_gguf
 
 pytestmark = pytest.mark.skipif(not has_module("llama_cpp"), reason="needs llama-cpp-python")
 
 
 def _read(path):
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    tensors = {t.name: (t.tensor_type.name, [int(x) for x in t.shape],
-                        np.asarray(t.data).tobytes()) for t in reader.tensors}
-    return fields, tensors, [t.name for t in reader.tensors]
+    fields, tensors = read_gguf(path)
+    return (fields, {t.name: (t.tensor_type.name, t.shape, t.data.tobytes()) for t in tensors},
+            [t.name for t in tensors])
 
 
 def _llama_cpp_reference(model_dir, tmp_path, quant):

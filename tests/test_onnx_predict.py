@@ -69,14 +69,14 @@ def test_every_quant_has_a_prediction():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer_dir) -> Path:
-    """Hidden 256: the weights (~8.6 MB at int4) dominate the graph (~0.1 MB), so 0.1 % is a
+    """Hidden 128: the weights (~4 MB at int4) dominate the graph (~0.1 MB), so 0.1 % is a
     few kB. The norms get distinct values as in any trained checkpoint: random init makes them
     all ones, which the TorchScript exporter folds into one initializer."""
     import torch
     from transformers import AutoModelForCausalLM
 
     src = build_tiny_model(tmp_path_factory.mktemp("onnx-predict"), tokenizer_dir, seed=4,
-                           hidden=256, intermediate=512)
+                           hidden=128, intermediate=256)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

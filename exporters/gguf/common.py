@@ -73,3 +73,37 @@ def disk_full(path: Path) -> bool:
         return st.f_bavail * st.f_frsize < 16 << 20
     except OSError:
         return False
+
+
+def gguf_writer(path, arch_name: str):
+    """A ``gguf.GGUFWriter`` whose metadata arrays (the vocabulary's 49k tokens, types and
+    merges) are packed in one go: gguf packs them element by element through a generic
+    function (~0.2 s a file, paid for every GGUF written or predicted). Hand-written because
+    gguf has no faster path; the bytes are gguf's own (tests/test_export_bytes.py pins whole
+    files), and anything but a plain little-endian list of strings or numbers goes to gguf."""
+    import struct
+
+    import gguf
+
+    T = gguf.GGUFValueType
+
+    class _Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype != T.ARRAY or not isinstance(val, list) or not val or \
+                    self.endianess != gguf.GGUFEndian.LITTLE:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            first = type(val[0])
+            kind = sub_type if sub_type is not None else T.get_type(val[0])
+            head = struct.pack("<I", vtype) if add_vtype else b""
+            if kind == T.STRING and all(type(v) is str for v in val):
+                data = [v.encode("utf-8") for v in val]
+                body = b"".join(struct.pack("<Q", len(d)) + d for d in data)
+            elif kind in (T.INT32, T.FLOAT32) and first is not bool and \
+                    all(type(v) is first for v in val):
+                body = struct.pack(f"<{len(val)}{self._simple_value_packing[kind]}", *val)
+            else:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            return head + struct.pack("<IQ", kind, len(val)) + body
+
+    return _Writer(path, arch_name)
+

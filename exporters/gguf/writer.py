@@ -20,7 +20,7 @@ from edgeqlora import threads
 from edgeqlora.errors import ConfigError, ExportError, MissingDependencyError
 
 from . import common
-from .common import K_QUANTS, LLAMA_CPP_INSTALL, QUANTS
+from .common import K_QUANTS, LLAMA_CPP_INSTALL, QUANTS, gguf_writer
 from .imatrix import IMATRIX_TYPES
 from .kernels import encode, nbytes, permute_qk, quantize_rows
 from .metadata import add_hparams, add_vocab, file_type, model_arch, read_config
@@ -126,7 +126,7 @@ def model_writer(cfg: dict[str, Any], tokenizer_dir: Path, quant: str, name: str
     import numpy as np
 
     arch, _ = model_arch(cfg)
-    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf_writer(None, gguf.MODEL_ARCH_NAMES[arch])
     w.add_type(gguf.GGUFType.MODEL)
     add_hparams(w, cfg, file_type(quant), name, identity)
     vocab = add_vocab(w, Path(tokenizer_dir), cfg["vocab_size"])
