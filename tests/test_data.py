@@ -64,6 +64,13 @@ def test_embedded_splits():
     assert held[0]["target"] == expected_eval[0]["target"]  # kept for scoring
     assert train.sha256 == data.dataset_sha256("embedded:iot") != held.sha256
     assert train.sha256 == hashlib.sha256(iot.to_jsonl(expected_train).encode()).hexdigest()
+    # Generated once per process, handed out as fresh rows: a caller's change stays its own.
+    from edgeqlora import rows
+
+    first = rows._embedded_split("embedded:iot:eval", 0)
+    assert first == expected_eval
+    first[0]["messages"][1]["content"] = "changed"
+    assert rows._embedded_split("embedded:iot:eval", 0) == expected_eval
 
 
 def test_save_to_disk_directory(tmp_path):
