@@ -168,6 +168,10 @@ def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
     fields, tensors = read_gguf(path)
     assert fields == {k: f.contents() for k, f in reader.fields.items()
                       if not k.startswith("GGUF.")}
+    types: dict = {}
+    read_gguf_header(path, types=types)
+    assert types == {k: (int(f.types[0]), int(f.types[1]) if len(f.types) > 1 else None)
+                     for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert len(fields["tokenizer.ggml.tokens"]) == 49152
     assert [(t.name, t.tensor_type, t.shape, t.data.dtype, t.data.shape) for t in tensors] == [
         (t.name, t.tensor_type, [int(x) for x in t.shape], t.data.dtype, t.data.shape)

@@ -338,14 +338,18 @@ def write_source_metadata(src: Path, dst: Path) -> list[str]:
     type (arrays) and value. Returns the keys kept."""
     import gguf
 
+    from edgeqlora.runtimes.gguf_header import read_gguf_header
+
+    types: dict[str, tuple] = {}
+    fields, _ = read_gguf_header(src, whole_arrays=True, types=types)  # GGUFReader: ~30 s
     entries = {}
-    for key, field in gguf.GGUFReader(str(src)).fields.items():
+    for key, value in fields.items():
         if not key.startswith(_SOURCE_KEYS):
             continue
-        vtype = gguf.GGUFValueType(field.types[0])
-        sub = gguf.GGUFValueType(field.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        entries[key] = {"type": vtype.name, "sub_type": sub.name if sub else None,
-                        "value": field.contents()}
+        vtype, sub = types[key]
+        entries[key] = {"type": gguf.GGUFValueType(vtype).name,
+                        "sub_type": gguf.GGUFValueType(sub).name if sub is not None else None,
+                        "value": value}
     Path(dst).write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
     return list(entries)
 
