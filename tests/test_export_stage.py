@@ -149,3 +149,19 @@ def test_the_answer_schema_travels_from_the_adapter_to_the_runtime(tiny, tmp_pat
     assert m["schema"] is None and not (tmp_path / "none-x" / "schema.json").exists()
     with runtimes.load(tmp_path / "none-x") as rt:
         assert rt.json_schema is None
+
+
+def test_tokenizer_kept_per_file_content(tmp_path, tokenizer_dir):
+    """The export stage loads a tokenizer once per content of its files: another directory
+    with the same files gets the same one, a changed chat template a new one that uses it."""
+    from edgeqlora import export_inputs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tokenizer_dir, a)
+    shutil.copytree(tokenizer_dir, b)
+    assert export_inputs.tokenizer(a) is export_inputs.tokenizer(b)
+    (b / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    changed = export_inputs.tokenizer(b)
+    assert changed is not export_inputs.tokenizer(a)
+    assert changed.apply_chat_template([{"role": "user", "content": "hi"}],
+                                       tokenize=False) == "hi!"
