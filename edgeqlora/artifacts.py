@@ -45,6 +45,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tokenizer_digest(directory: str | Path) -> str:
+    """sha256 of what makes a directory's tokenizer: its tokenizer files, extra chat templates
+    and config.json (transformers picks the tokenizer class from it). The key of the caches that
+    load or convert a tokenizer once per content (the export stage, the GGUF vocabulary)."""
+    root = Path(directory)
+    names = [*SHIPPED_TOKENIZER_FILES, "config.json",
+             *(p.relative_to(root).as_posix()
+               for p in sorted((root / "additional_chat_templates").glob("*.jinja")))]
+    h = hashlib.sha256()
+    for name in names:
+        path = root / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def file_table(directory: str | Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under ``directory`` except the manifest itself."""
     root = Path(directory)

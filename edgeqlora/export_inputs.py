@@ -97,23 +97,15 @@ class Calibrations:
 # Loaded tokenizers by the content of the files that make them (~0.3 s a load; an export loads
 # the same files more than once, a process that exports several adapters of one base again).
 # Only read here (held-out sequences, chat templates, verification texts), never changed.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                    "config.json", "vocab.json", "merges.txt", "tokenizer.model")
 _tokenizers: dict[str, Any] = {}
 
 
 def tokenizer(model_dir: Path):
-    import hashlib
-
     from transformers import AutoTokenizer
 
-    h = hashlib.sha256()
-    for name in _TOKENIZER_FILES:
-        path = Path(model_dir) / name
-        if path.is_file():
-            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    key = h.hexdigest()
+    from .artifacts import tokenizer_digest
+
+    key = tokenizer_digest(model_dir)
     if key not in _tokenizers:
         while len(_tokenizers) >= 4:
             _tokenizers.pop(next(iter(_tokenizers)))

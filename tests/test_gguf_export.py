@@ -159,7 +159,7 @@ def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
     refused."""
     import gguf
 
-    from edgeqlora.errors import ExportError
+    from edgeqlora.errors import ExportError, InputError
     from edgeqlora.exporters.gguf import read_back
     from edgeqlora.runtimes.gguf_header import read_gguf_header
 
@@ -189,6 +189,13 @@ def test_read_back_agrees_with_gguf_reader(f16_export, tmp_path):
     cut.write_bytes(path.read_bytes()[:-4096])
     with pytest.raises(ExportError, match="is truncated: its tensor data ends at byte"):
         read_back(cut)
+    # Cut inside the vocabulary: one line, with or without the whole arrays.
+    inside = tmp_path / "inside.gguf"
+    inside.write_bytes(path.read_bytes()[:600_000])
+    for whole in (False, True):
+        with pytest.raises(InputError, match="is truncated or not a valid GGUF file") as err:
+            read_gguf_header(inside, whole_arrays=whole)
+        assert "\n" not in str(err.value)
 
 
 def test_vocabulary_kept_per_tokenizer_content(tmp_path, tokenizer_dir):

@@ -341,7 +341,8 @@ def write_source_metadata(src: Path, dst: Path) -> list[str]:
     from edgeqlora.runtimes.gguf_header import read_gguf_header
 
     types: dict[str, tuple] = {}
-    fields, _ = read_gguf_header(src, whole_arrays=True, types=types)  # GGUFReader: ~30 s
+    # GGUFReader took 13 s on Gemma 3's 262k-entry vocabulary; this 0.4 s (same JSON, measured).
+    fields, _ = read_gguf_header(src, whole_arrays=True, types=types)
     entries = {}
     for key, value in fields.items():
         if not key.startswith(_SOURCE_KEYS):
@@ -396,9 +397,6 @@ def _add_source_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
             "chat_template": template.is_file()}
 
 
-# What gguf.SpecialVocab and add_vocab read from a checkpoint directory.
-_VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                "chat_template.json", "config.json", "merges.txt")
 _vocab_calls: dict[tuple, tuple[list, dict[str, Any]]] = {}
 
 
@@ -424,16 +422,12 @@ class _Recorder:
 
 
 def _vocab_key(model_dir: Path, vocab_size: int) -> tuple:
-    h = hashlib.sha256()
-    for name in _VOCAB_FILES:
-        path = model_dir / name
-        if path.is_file():
-            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    for path in sorted((model_dir / "additional_chat_templates").glob("*.jinja")):
-        h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    from edgeqlora.artifacts import tokenizer_digest
+
     # The functions that compute the entries are part of the key (a test that replaces one
     # must not get another's answer).
-    return h.hexdigest(), vocab_size, load_tokenizer, pre_tokenizer_name, vocab_entries
+    return (tokenizer_digest(model_dir), vocab_size, load_tokenizer, pre_tokenizer_name,
+            vocab_entries)
 
 
 def add_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
