@@ -12,7 +12,8 @@ Which ``W``? A QLoRA adapter was trained against the 4-bit weights, not the 16-b
   quantization and dtype) -- every quantized linear layer, targeted or not, because the trained
   model ran all of them in 4-bit (torchtune's choice). With the trained model at hand (the
   export stage loads it anyway) its own dequantized weights are taken instead of a second round
-  trip: the same numbers (tested);
+  trip: the same numbers (tested). The round trip of a base under the same settings is kept
+  across runs (``edgeqlora.roundtrip``: bitsandbytes' 4-bit codes, dequantized again);
 - ``original``: the weights of the base checkpoint (what Unsloth merges into);
 - ``auto`` (the default): the base the adapter was trained against -- ``dequantized`` for a
   4-bit adapter, ``original`` for a plain-LoRA one (``quant=none``) and for LLM.int8, whose
@@ -46,6 +47,7 @@ from .artifacts import (TOKENIZER_FILES, SafetensorsStreamWriter, check_lora_con
 from .config import MERGE_BASES
 from .errors import ConfigError, InputError, ManifestError
 from .merge_measure import measure_against_trained
+from .roundtrip import nf4_roundtrip  # noqa: F401  (merge's API since the first wave)
 
 log = logging.getLogger(__name__)
 
@@ -212,35 +214,14 @@ def is_quantized_weight(name: str, shape) -> bool:
     return name.endswith(".weight") and len(shape) == 2 and ".layers." in name
 
 
-def _roundtrip_settings(quant: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    return {"dtype": getattr(torch, quant.get("compute_dtype") or "float32", torch.float32),
-            "blocksize": int(quant.get("block_size") or 64),
-            "compress_statistics": bool(quant.get("double_quant", True)),
-            "quant_type": quant.get("quant", "nf4")}
-
-
-def nf4_roundtrip(weight, quant: dict[str, Any]):
-    """``weight`` as the trained model saw it: quantized to 4-bit by bitsandbytes with the
-    adapter's settings, dequantized back to fp32 (the same two calls Linear4bit makes)."""
-    from .bnb_import import quiet_bnb_import
-
-    quiet_bnb_import()
-    import bitsandbytes.functional as bnbf
-
-    s = _roundtrip_settings(quant)
-    q, state = bnbf.quantize_4bit(weight.to(s.pop("dtype")).contiguous(), **s)
-    return bnbf.dequantize_4bit(q, state).float()
-
-
 def trained_weights(adapter: Adapter, trained) -> dict[str, Any]:
     """The trained model's own dequantized 4-bit weights, by tensor name, where they are what
     ``nf4_roundtrip`` would give: quantized with the same settings (a bf16-trained adapter's
     base loads in fp32 on CPU, so its weights are round-tripped instead)."""
     from .qlora import trained_base_weights
+    from .roundtrip import settings
 
-    s = _roundtrip_settings(adapter.quant)
+    s = settings(adapter.quant)
     return {name: w for name, (w, st) in trained_base_weights(trained).items()
             if st.dtype == s["dtype"] and st.blocksize == s["blocksize"]
             and st.quant_type == s["quant_type"] and bool(st.nested) == s["compress_statistics"]}
@@ -294,6 +275,8 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
     here. Returns the number of modules merged."""
     import torch
 
+    from .roundtrip import RoundTrips
+
     if merge_base not in ("original", "dequantized"):
         raise ConfigError(f"merge_base={merge_base!r} is not one of original, dequantized")
     if dtype not in _ST_DTYPES:
@@ -303,6 +286,8 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
                                      [(name, shape) for _, name, shape, _ in specs],
                                      _ST_DTYPES[dtype])
     merged = 0
+    roundtrips = RoundTrips(adapter.base_fingerprint.get("weights_sha256"), adapter.quant) \
+        if merge_base == "dequantized" else None
     try:
         with torch.no_grad():
             for name, tensor in _progress(iter_base_tensors(adapter.base_dir), len(specs),
@@ -312,7 +297,7 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
                 if known is not None:
                     w = known.float()
                 elif merge_base == "dequantized" and is_quantized_weight(name, w.shape):
-                    w = nf4_roundtrip(w, adapter.quant)
+                    w = roundtrips.get(name, w)
                 d = adapter.deltas.get(name) if with_lora else None
                 if d is not None:
                     # fp32 add: in bf16 the low bits of a small delta would be lost.
@@ -324,6 +309,8 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
         writer.fh.close()
         raise
     writer.close()
+    if roundtrips is not None:
+        roundtrips.save()
     _copy_side_files(adapter, out_dir, dtype)
     return merged
 

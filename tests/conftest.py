@@ -8,8 +8,10 @@ tests of tiny models never convert the embedded model. ``embedded_dir`` converts
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,6 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["EDGEQLORA_EVAL_CACHE"] = "0"  # no run sees another run's base evaluation
+# Round trips of the tiny bases kept per test process, not in the user's cache (merges of the
+# same tiny base in later tests read them back: edgeqlora/roundtrip.py).
+os.environ["EDGEQLORA_NF4_CACHE"] = tempfile.mkdtemp(prefix="edgeqlora-test-nf4-")
+atexit.register(shutil.rmtree, os.environ["EDGEQLORA_NF4_CACHE"], True)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")

@@ -130,6 +130,46 @@ def test_trained_weights_are_the_nf4_round_trip(tiny):
     assert trained_weights(adapter, trained) == {}
 
 
+def test_round_trips_kept_across_merges_give_the_same_bytes(tiny, tmp_path, monkeypatch):
+    """The 4-bit round trip of a base, kept in the cache by the first dequantized merge, gives a
+    later merge the same bytes without quantizing again; a damaged cache file is a miss that is
+    rewritten, another setting is another file, and with the cache off nothing is kept."""
+    import bitsandbytes.functional as bnbf
+
+    from edgeqlora import roundtrip
+    from edgeqlora.merge import merge_adapter, read_adapter
+
+    monkeypatch.setenv("EDGEQLORA_NF4_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = bnbf.quantize_4bit
+    monkeypatch.setattr(bnbf, "quantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    adapter = read_adapter(tiny["adapter"])
+    key = roundtrip.cache_key(adapter.base_fingerprint["weights_sha256"], adapter.quant)
+    kept = tmp_path / "cache" / f"{key}.safetensors"
+
+    def merged(name):
+        calls.clear()
+        merge_adapter(tiny["adapter"], tmp_path / name, merge_base="dequantized",
+                      eval_tokens=0)
+        return (tmp_path / name / "model.safetensors").read_bytes(), len(calls)
+
+    first, quantized = merged("first")
+    assert quantized > 0 and kept.is_file()
+    again, quantized = merged("again")
+    assert quantized == 0 and again == first  # dequantized from the cache: the same bytes
+    kept.write_bytes(kept.read_bytes()[:100])  # truncated: ignored, quantized, rewritten
+    damaged, quantized = merged("damaged")
+    assert quantized > 0 and damaged == first
+    assert merged("mended") == (first, 0)
+    other = roundtrip.cache_key(adapter.base_fingerprint["weights_sha256"],
+                                {**adapter.quant, "block_size": 128})
+    assert other != key
+    monkeypatch.setenv("EDGEQLORA_NF4_CACHE", "0")
+    kept.unlink()
+    off, quantized = merged("off")
+    assert quantized > 0 and off == first and not kept.exists()
+
+
 def test_auto_on_a_plain_lora_adapter_is_the_original_base(tiny, tmp_path):
     from edgeqlora.errors import ConfigError
     from edgeqlora.merge import merge_adapter
