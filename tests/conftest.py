@@ -89,6 +89,25 @@ def wait_until_serving(base: str, proc, tries: int = 300) -> None:
     raise AssertionError(f"{base} did not answer /health")
 
 
+def schema_validator(schema):
+    """jsonschema's validator for ``schema``, the schema checked once: what
+    ``jsonschema.validate`` does on every call (3.5 ms a call for the task schema, against
+    0.04 ms for a validation alone)."""
+    import json
+
+    key = json.dumps(schema, sort_keys=True)
+    if key not in _VALIDATORS:
+        import jsonschema
+
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        _VALIDATORS[key] = cls(schema)
+    return _VALIDATORS[key]
+
+
+_VALIDATORS: dict[str, Any] = {}
+
+
 def schema_valid(text: str, schema) -> bool:
     """Whether ``text`` is one JSON value that ``schema`` accepts (jsonschema, independent of
     the grammar engine the runtimes constrain with)."""
@@ -97,7 +116,7 @@ def schema_valid(text: str, schema) -> bool:
     import jsonschema
 
     try:
-        jsonschema.validate(json.loads(text), schema)
+        schema_validator(schema).validate(json.loads(text))
     except (json.JSONDecodeError, jsonschema.ValidationError):
         return False
     return True
