@@ -407,11 +407,11 @@ class _SlowRuntime:
     def tokenize(self, text, special=True):
         return [1, 2]
 
-    def complete(self, *a, **k):
+    def complete(self, ids, max_new_tokens=2000, **k):
         import time
 
         try:
-            for _ in range(2000):
+            for _ in range(min(max_new_tokens, 2000)):  # a runtime keeps to the budget
                 time.sleep(0.005)
                 self.pieces += 1
                 yield "x"

@@ -171,8 +171,8 @@ def test_english_text_ships_and_is_long_enough():
     assert sum(map(len, seqs)) == 1100 and max(map(len, seqs)) <= P.TEXT_CHUNK
 
 
-# run_parity end to end with a real candidate runtime (the embedded GGUF) and a reference that
-# is the same GGUF through llama.cpp (exact) or the same with noise (must fail).
+# run_parity end to end with a real candidate runtime (a GGUF of the tiny model, through
+# llama.cpp) and a reference that is the same GGUF (exact) or the same with noise (must fail).
 
 
 class RuntimeReference:
@@ -196,12 +196,22 @@ class RuntimeReference:
 
 
 @pytest.fixture(scope="module")
-def embedded_runtime():
+def candidate_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model as one GGUF file (tokenizer and chat template in its metadata): the
+    parity machinery's candidate, 20x quicker to run than the real 135M model."""
     pytest.importorskip("llama_cpp")
-    from edgeqlora import runtimes
-    from edgeqlora.base import embedded_gguf_path
+    from edgeqlora.exporters.gguf import write_model_gguf
 
-    with runtimes.load(embedded_gguf_path(), n_ctx=1024) as rt:
+    path = tmp_path_factory.mktemp("parity-candidate") / "tiny.q8_0.gguf"
+    write_model_gguf(tiny_model_dir, path, "q8_0")
+    return path
+
+
+@pytest.fixture(scope="module")
+def candidate_runtime(candidate_gguf):
+    from edgeqlora import runtimes
+
+    with runtimes.load(candidate_gguf, n_ctx=1024) as rt:
         yield rt
 
 
@@ -213,16 +223,16 @@ def fake_adapter(tmp_path) -> Path:
     return d
 
 
-def test_run_parity_writes_reports_and_gates(tmp_path, fake_adapter, embedded_runtime):
-    from edgeqlora.base import embedded_gguf_path
+def test_run_parity_writes_reports_and_gates(tmp_path, fake_adapter, candidate_runtime,
+                                             candidate_gguf):
     from edgeqlora.config import ParityConfig
 
     kw = dict(examples=1, text_tokens=32, max_new_tokens=4, progress=False)
     out = tmp_path / "ok"
-    report = P.run_parity(fake_adapter, [embedded_gguf_path()], out, ParityConfig(),
-                          reference_model=RuntimeReference(embedded_runtime), **kw)
+    report = P.run_parity(fake_adapter, [candidate_gguf], out, ParityConfig(),
+                          reference_model=RuntimeReference(candidate_runtime), **kw)
     assert report["passed"]
-    name = embedded_gguf_path().stem
+    name = candidate_gguf.stem
     c = report["candidates"][name]
     assert c["all"]["mean_kld"] < 1e-6 and c["all"]["top1"] == 1.0
     assert c["task"]["identical_answers"] == 1 and c["task"]["prompt_token_mismatches"] == 0
@@ -234,15 +244,15 @@ def test_run_parity_writes_reports_and_gates(tmp_path, fake_adapter, embedded_ru
 
     bad = tmp_path / "bad"
     with pytest.raises(ParityError, match=f"{name}: .*top-1 agreement"):
-        P.run_parity(fake_adapter, [embedded_gguf_path()], bad, ParityConfig(),
-                     reference_model=RuntimeReference(embedded_runtime, noise=8.0), **kw)
+        P.run_parity(fake_adapter, [candidate_gguf], bad, ParityConfig(),
+                     reference_model=RuntimeReference(candidate_runtime, noise=8.0), **kw)
     # The report of a failing gate is still written, saying so.
     assert json.loads((bad / "parity.json").read_text())["passed"] is False
     assert "FAIL" in (bad / "parity.md").read_text()
 
     with pytest.raises(InputError, match="already exists"):
-        P.run_parity(fake_adapter, [embedded_gguf_path()], out, ParityConfig(),
-                     reference_model=RuntimeReference(embedded_runtime), **kw)
+        P.run_parity(fake_adapter, [candidate_gguf], out, ParityConfig(),
+                     reference_model=RuntimeReference(candidate_runtime), **kw)
 
 
 def test_run_parity_bad_inputs(tmp_path, fake_adapter):
@@ -263,12 +273,12 @@ def test_run_parity_bad_inputs(tmp_path, fake_adapter):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_parity_exit_codes(tmp_path, fake_adapter, embedded_runtime, monkeypatch, capsys):
-    from edgeqlora.base import embedded_gguf_path
+def test_cli_parity_exit_codes(tmp_path, fake_adapter, candidate_runtime, candidate_gguf,
+                              monkeypatch, capsys):
     from edgeqlora.cli import main
 
-    monkeypatch.setattr(P, "TorchReference", lambda adapter: RuntimeReference(embedded_runtime))
-    args = ["parity", "--reference", str(fake_adapter), "--candidate", str(embedded_gguf_path()),
+    monkeypatch.setattr(P, "TorchReference", lambda adapter: RuntimeReference(candidate_runtime))
+    args = ["parity", "--reference", str(fake_adapter), "--candidate", str(candidate_gguf),
             "--examples", "1", "--text-tokens", "32", "--max-new-tokens", "4"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert "parity passed" in capsys.readouterr().out
