@@ -8,7 +8,10 @@ edgeqlora (a checkout of an older commit laid out as an importable package, put 
 are compared byte for byte.
 
     python bench/export_command.py --adapter runs/x/adapter [--baseline DIR] [--repeats 2]
-        [--json bench/results/export_command.json]
+        [--cold] [--json bench/results/export_command.json]
+
+``--cold`` adds this tree with ``EDGEQLORA_NF4_CACHE=0``: what the first export of a base costs
+before its 4-bit round trip is kept.
 """
 
 from __future__ import annotations
@@ -52,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", help="an older edgeqlora tree to put first on PYTHONPATH")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cold", action="store_true",
+                    help="also run this tree with the 4-bit round trip not kept (a first export)")
     args = ap.parse_args(argv)
     trees = {"this tree": None, **({"baseline": args.baseline} if args.baseline else {})}
+    if args.cold:  # the first export of a base: no 4-bit round trip kept (edgeqlora/roundtrip.py)
+        trees["this tree, round trip not kept"] = None
     rows: dict[str, list[dict]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="edgeqlora-export-bench-"))
     try:
@@ -61,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             for merge_base in ("auto", "original"):
                 outs = {}
                 for tree, path in trees.items():
+                    if tree.endswith("not kept") and merge_base != "auto":
+                        continue  # merging into the original weights has no round trip
                     env = dict(os.environ)
                     if path:
                         env["PYTHONPATH"] = str(Path(path).resolve())
+                    if tree.endswith("not kept"):
+                        env["EDGEQLORA_NF4_CACHE"] = "0"
                     out = scratch / f"{tree.replace(' ', '_')}-{merge_base}-{rep}"
                     cmd = [sys.executable, "-m", "edgeqlora.cli", "export", str(Path(args.adapter).resolve()),
                            "--quant", "q4_k_m", "--merge-base", merge_base, "--no-parity",
@@ -71,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows.setdefault(f"{tree}, merge base {merge_base}", []).append(
                         timed(cmd, env))
                     outs[tree] = out / "model.q4_k_m.gguf"
-                if len(outs) == 2:
-                    same = filecmp.cmp(*outs.values(), shallow=False)
+                if len(outs) >= 2:
+                    first, *others = outs.values()
+                    same = all(filecmp.cmp(first, o, shallow=False) for o in others)
                     rows.setdefault(f"same bytes, merge base {merge_base}", []).append(same)
                 for out in outs.values():
                     shutil.rmtree(out.parent, ignore_errors=True)
