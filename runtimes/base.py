@@ -14,9 +14,11 @@ One runtime object holds one model context and is not thread-safe: a server seri
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping, Sequence
 
@@ -50,10 +52,48 @@ def default_threads() -> int:
     return threads.runtime_threads()
 
 
+class Cancel(threading.Event):
+    """One generation's stop signal (the server's, per request: a client gone, a time budget
+    spent), set from another thread. The runtime stops at its next token and, where the backend
+    can, inside the native call in progress: ``set()`` also runs the hooks a runtime registered
+    for the call (llama.cpp's abort flag, checked between graph nodes; onnxruntime's
+    ``RunOptions.terminate``), so a long prompt batch stops within milliseconds instead of
+    running to its end."""
+
+    def __init__(self):
+        super().__init__()
+        self._hooks: list = []
+        self._hooks_lock = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._hooks_lock:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            hook()
+
+    @contextlib.contextmanager
+    def hooked(self, hook):
+        """Run ``hook`` on ``set()`` while the block runs (at once if already set)."""
+        with self._hooks_lock:
+            self._hooks.append(hook)
+        try:
+            if self.is_set():
+                hook()
+            yield
+        finally:
+            with self._hooks_lock:
+                self._hooks.remove(hook)
+
+
+class Interrupted(Exception):
+    """Raised inside a runtime when a native call stopped because its ``Cancel`` was set."""
+
+
 @dataclasses.dataclass
 class Completion:
-    """The result of one generation; ``finish_reason`` is "stop" (EOS or a stop string) or
-    "length" (max_new_tokens or the context window)."""
+    """The result of one generation; ``finish_reason`` is "stop" (EOS or a stop string),
+    "length" (max_new_tokens or the context window) or "cancelled" (its ``Cancel`` was set)."""
 
     text: str = ""
     finish_reason: str = "length"
@@ -305,11 +345,13 @@ class Runtime:
     def complete(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 result: Completion | None = None, json_schema: Any = None) -> Iterator[str]:
+                 result: Completion | None = None, json_schema: Any = None,
+                 cancel: Cancel | None = None) -> Iterator[str]:
         """Stream text pieces; fills ``result`` (finish reason, token counts) as it goes.
 
         ``json_schema`` (see :meth:`grammar`) constrains the text to one JSON value the schema
-        accepts (``constrain.py``); the text ends when the value is complete."""
+        accepts (``constrain.py``); the text ends when the value is complete. ``cancel`` ends it
+        early, prompt included (finish reason "cancelled")."""
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         grammar = None if json_schema is None else self.grammar(json_schema)
         if isinstance(prompt, str):
@@ -323,10 +365,16 @@ class Runtime:
                              f"n_ctx={self.n_ctx}, which leaves no room to generate")
         result = result if result is not None else Completion()
         result.prompt_tokens = len(ids)
-        return self._complete(ids, sampling, result, grammar)
+        return self._complete(ids, sampling, result, grammar, cancel)
+
+    def _interruptible(self, cancel: Cancel):
+        """A context in which ``cancel.set()`` also stops the backend's native call in
+        progress, raising ``Interrupted`` out of it; the default stops between tokens only."""
+        return contextlib.nullcontext()
 
     def _complete(self, ids: list[int], sampling: Sampling, result: Completion,
-                  grammar: Grammar | None = None) -> Iterator[str]:
+                  grammar: Grammar | None = None, cancel: Cancel | None = None
+                  ) -> Iterator[str]:
         budget = min(sampling.max_new_tokens, self.n_ctx - len(ids))
         stream = StopStream(sampling.stop)
         result.finish_reason = "length"
@@ -339,23 +387,30 @@ class Runtime:
             matcher = grammar.matcher()
             tokens = self._constrained_stream(ids, sampling, matcher)
         try:
-            for n, token in enumerate(tokens):
-                if self._is_eog(token):
-                    result.finish_reason = "stop"
-                    break
-                result.completion_tokens = n + 1
-                result.token_ids.append(int(token))
-                text = stream.feed(self._piece(token))
-                if text:
-                    pieces.append(text)
-                    yield text
-                if stream.stopped:
-                    result.finish_reason = "stop"
-                    break
-                if n + 1 >= budget:
-                    break
+            with self._interruptible(cancel) if cancel is not None else \
+                    contextlib.nullcontext():
+                for n, token in enumerate(tokens):
+                    if self._is_eog(token):
+                        result.finish_reason = "stop"
+                        break
+                    result.completion_tokens = n + 1
+                    result.token_ids.append(int(token))
+                    text = stream.feed(self._piece(token))
+                    if text:
+                        pieces.append(text)
+                        yield text
+                    if stream.stopped:
+                        result.finish_reason = "stop"
+                        break
+                    if cancel is not None and cancel.is_set():
+                        result.finish_reason = "cancelled"
+                        break
+                    if n + 1 >= budget:
+                        break
             if matcher is not None and matcher.is_stopped():
                 result.finish_reason = "stop"  # the JSON value is complete
+        except Interrupted:
+            result.finish_reason = "cancelled"
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:

@@ -34,6 +34,7 @@ from edgeqlora.errors import InputError, MissingDependencyError, require
 
 from .base import Runtime, Sampling, default_threads
 from .chat_template import ChatTemplate
+from .gguf_abort import AbortFlag
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_N_CTX = 2048
@@ -117,6 +118,7 @@ class GGUFRuntime(Runtime):
                                  f"was trained for ({trained_ctx} tokens)")
             self._llm = open_llama(trained_ctx)
         self._lib = llama_cpp
+        self._abort = AbortFlag(llama_cpp, self._llm._ctx.ctx)
         self._vocab = self._llm._model.vocab
         self.vocab_size = int(self._llm.n_vocab())
         self.n_ctx = int(self._llm.n_ctx())
@@ -274,6 +276,9 @@ class GGUFRuntime(Runtime):
                                   min_p=0.0, typical_p=1.0, temp=sampling.temperature,
                                   repeat_penalty=1.0, frequency_penalty=0.0,
                                   presence_penalty=0.0)
+
+    def _interruptible(self, cancel):
+        return self._abort.armed(cancel)  # a long prompt batch stops too (gguf_abort.py)
 
     def _logit_steps(self, prompt_ids: list[int]) -> Generator[np.ndarray, int, None]:
         llm = self._llm

@@ -14,6 +14,7 @@ top-p, then a draw from a ``numpy.random.Generator`` seeded with ``seed``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 
 from edgeqlora.errors import InputError, MissingDependencyError, require
 
-from .base import Runtime, Sampling, default_threads, sample
+from .base import Interrupted, Runtime, Sampling, default_threads, sample
 from .chat_template import ChatTemplate
 from .gguf import read_tokenizer_files
 
@@ -241,11 +242,33 @@ class ONNXRuntime(Runtime):
         try:
             out = self._sess.run(self._outputs, feed, self._run_options)
         except Exception as exc:  # e.g. an adapter file made for another base
+            if self._run_options is not None and self._run_options.terminate:
+                raise Interrupted() from None  # stopped by its Cancel (_interruptible)
             if self.lora_path is None:
                 raise
             raise InputError(f"adapter {self.lora_path} does not fit {self.path} "
                              f"({str(exc).splitlines()[0]})") from None
         return out[0][0], dict(zip(self._past_names, out[1:]))
+
+    @contextlib.contextmanager
+    def _interruptible(self, cancel):
+        """Run options of the call's own (the adapter too) whose ``terminate``, set by
+        ``cancel``, stops the ``session.run`` in progress (onnxruntime checks it between
+        nodes)."""
+        kept = self._run_options
+        opts = self._ort.RunOptions()
+        if self.lora_path is not None:
+            opts.add_active_adapter(self._adapter)
+
+        def stop():
+            opts.terminate = True
+
+        self._run_options = opts
+        try:
+            with cancel.hooked(stop):
+                yield
+        finally:
+            self._run_options = kept
 
     def _prefill(self, ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         past, logits = self._empty_cache(), []

@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator, Mapping
 
 from edgeqlora.errors import EdgeQloraError, InputError, require
 
-from .base import Completion, Runtime, check_sampling
+from .base import Cancel, Completion, Runtime, check_sampling
 from .serve_guard import (DEFAULT_MAX_QUEUE, LOOPBACK_NAMES, Admission, Metrics,  # noqa: F401
                           RequestError, _parse_body, _text_content, check_api_key,
                           default_allowed_hosts, host_allowed, response_schema)
@@ -120,7 +120,7 @@ class ServerState:
         self.metrics.queue.set(self.admission.depth)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = Cancel()  # set: the runtime stops, inside a prompt batch too
         arrived = time.perf_counter() if arrived is None else arrived
         first: list[float] = []
 
@@ -137,7 +137,7 @@ class ServerState:
                         if cancel.is_set():
                             return
                         for piece in self.runtime.complete(prompt_ids, result=result,
-                                                           **kwargs):
+                                                           cancel=cancel, **kwargs):
                             if not first:
                                 first.append(time.perf_counter())
                             post(("piece", piece))

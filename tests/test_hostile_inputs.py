@@ -664,6 +664,36 @@ def test_serve_request_past_its_time_budget_is_a_504_and_frees_the_runtime():
     assert rt2.stopped.wait(5) and rt2.pieces < 1000
 
 
+class _LongPromptRuntime(_SlowRuntime):
+    """A stand-in whose first step is one long native call (a prompt batch) that only its
+    ``Cancel`` ends, as llama.cpp's abort callback does."""
+
+    def complete(self, ids, cancel=None, **k):
+        try:
+            if cancel is not None and cancel.wait(30):
+                return
+            yield "x"
+        finally:
+            self.stopped.set()
+
+
+def test_serve_timeout_stops_the_runtime_inside_a_long_prompt():
+    import time
+
+    from edgeqlora.runtimes.serve import create_app
+
+    rt = _LongPromptRuntime()
+    app = create_app(rt, "m", request_timeout_s=0.4)
+    start = time.monotonic()
+    status, _ = _asgi_post(app, CHAT, JSON)
+    assert status == 504
+    assert rt.stopped.wait(2) and time.monotonic() - start < 3
+    deadline = time.monotonic() + 2
+    while app.state.edgeqlora.lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not app.state.edgeqlora.lock.locked()  # the next request does not wait 30 s
+
+
 def test_serve_refuses_a_nonpositive_request_timeout():
     from edgeqlora.errors import InputError
     from edgeqlora.runtimes.serve import create_app

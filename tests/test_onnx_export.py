@@ -346,6 +346,7 @@ def test_two_adapters_on_one_base(adapter, tiny, tmp_path):
     from edgeqlora.export import export_adapter
     from edgeqlora.exporters.onnx.lora import write_adapter_file
     from edgeqlora.merge import merge_adapter
+    from edgeqlora.runtimes.base import Cancel
 
     out = tmp_path / "adapter-only"
     m = export_adapter(adapter, out, target="onnx", quant="int4", merge_base="original",
@@ -372,6 +373,11 @@ def test_two_adapters_on_one_base(adapter, tiny, tmp_path):
 
     rt = runtimes.load(out)  # the export's own adapter is active
     first = rt.logits(ids)
+    # A cancelled call runs on options of its own: the adapter stays active after it.
+    cancel = Cancel()
+    cancel.set()
+    assert "".join(rt.complete(ids, max_new_tokens=2, cancel=cancel)) == ""
+    assert np.array_equal(rt.logits(ids), first)
     rt.set_adapter(tmp_path / "second.onnx_adapter")
     other = rt.logits(ids)
     rt.set_adapter(None)

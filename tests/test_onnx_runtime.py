@@ -179,3 +179,27 @@ def test_broken_exports_give_clear_errors(export, tmp_path):
     (d / "genai_config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="not a usable genai config"):
         load_onnx(export / "model.onnx", export_dir=d)
+
+
+def test_cancel_stops_inside_the_session_run_and_restores_the_run_options(rt):
+    """A ``Cancel`` already set stops onnxruntime inside the prompt's run
+    (``RunOptions.terminate``): no token at all, where the check between tokens alone would let
+    one through; set mid-answer it keeps what was written. The runtime's own run options are
+    back afterwards and the next answer is unchanged."""
+    from edgeqlora.runtimes.base import Cancel, Completion
+
+    messages = [{"role": "user", "content": "turn on the kitchen light"}]
+    before = rt.chat(messages, max_new_tokens=6)
+    kept = rt._run_options
+    cancel, result = Cancel(), Completion()
+    cancel.set()
+    assert "".join(rt.complete(rt.chat_ids(messages), max_new_tokens=6, result=result,
+                               cancel=cancel)) == ""
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+    assert rt._run_options is kept
+    cancel, result = Cancel(), Completion()
+    for _ in rt.complete(rt.chat_ids(messages), max_new_tokens=6, result=result, cancel=cancel):
+        if result.completion_tokens >= 2:
+            cancel.set()
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 2
+    assert rt.chat(messages, max_new_tokens=6) == before

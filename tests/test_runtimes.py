@@ -358,3 +358,55 @@ def test_iter_logits_reuses_a_shared_prefix_without_changing_the_logits(rt):
     assert np.array_equal(streamed[1][:len(head)], streamed[0][:len(head)])
     # The context is left empty: generation afterwards is as from scratch.
     assert rt.logits(seqs[0]).shape == fresh[0].shape
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_cancel_stops_a_long_prompt_inside_the_decode(gguf_path, constrained):
+    """A ``Cancel`` set from another thread stops llama.cpp inside the prompt's batch (its
+    abort callback), not after it: a 1,500-token prompt of the real model (~10-20 s on 2 cores)
+    ends within a second, "cancelled", no token written; the runtime then answers as a fresh
+    one would (nothing of the aborted batch stays in its KV cache)."""
+    import threading
+    import time
+
+    from edgeqlora import runtimes
+    from edgeqlora.runtimes.base import Cancel
+    from edgeqlora.tasks import iot
+
+    schema = iot.json_schema() if constrained else None
+    with runtimes.load(gguf_path, n_ctx=2048, n_batch=2048) as rt:
+        assert rt._abort.installed
+        prompt = rt.tokenize("The quick brown fox jumps over the lazy dog. " * 150)[:1500]
+        cancel, result = Cancel(), Completion()
+        threading.Timer(0.3, cancel.set).start()
+        start = time.monotonic()
+        text = "".join(rt.complete(prompt, max_new_tokens=8, result=result, cancel=cancel,
+                                   json_schema=schema))
+        took = time.monotonic() - start
+        assert result.finish_reason == "cancelled" and text == "" and took < 1.5, took
+        after = rt.chat(MESSAGES, max_new_tokens=8, json_schema=schema)
+        # Set before the call: nothing is decoded at all.
+        early = Completion()
+        assert "".join(rt.complete(prompt, max_new_tokens=8, result=early,
+                                   cancel=_set(Cancel()))) == ""
+        assert early.finish_reason == "cancelled"
+    with runtimes.load(gguf_path, n_ctx=2048, n_batch=2048) as fresh:
+        assert fresh.chat(MESSAGES, max_new_tokens=8, json_schema=schema) == after
+
+
+def _set(cancel):
+    cancel.set()
+    return cancel
+
+
+def test_cancel_between_tokens_keeps_what_was_written(rt):
+    from edgeqlora.runtimes.base import Cancel
+
+    cancel, result, pieces = Cancel(), Completion(), []
+    for piece in rt.complete(rt.chat_ids(MESSAGES), max_new_tokens=40, result=result,
+                             cancel=cancel):
+        pieces.append(piece)
+        if len(result.token_ids) >= 3:
+            cancel.set()
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 3
+    assert "".join(pieces) == rt.chat(MESSAGES, max_new_tokens=3)
