@@ -35,6 +35,15 @@ def edgeqlora_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "edgeqlora"
 
 
+def cache_dir(env_var: str, name: str) -> Path | None:
+    """A cache's folder: ``$EDGEQLORA_HOME/<name>``, or where ``env_var`` moves it; None when
+    ``env_var`` turns it off (0, off, false, no)."""
+    env = os.environ.get(env_var, "").strip()
+    if env.lower() in ("0", "off", "false", "no"):
+        return None
+    return Path(env).expanduser() if env else edgeqlora_home() / name
+
+
 def models_dir() -> Path:
     return edgeqlora_home() / "models"
 

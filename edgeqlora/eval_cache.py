@@ -26,14 +26,9 @@ FORMAT = 1
 
 def cache_dir() -> Path | None:
     """Where cached evaluations live, or None when the cache is off."""
-    env = os.environ.get("EDGEQLORA_EVAL_CACHE", "").strip()
-    if env.lower() in ("0", "off", "false", "no"):
-        return None
-    if env:
-        return Path(env).expanduser()
-    from .base_cache import edgeqlora_home
+    from .base_cache import cache_dir
 
-    return edgeqlora_home() / "evals"
+    return cache_dir("EDGEQLORA_EVAL_CACHE", "evals")
 
 
 def _versions() -> dict[str, str | None]:

@@ -72,14 +72,9 @@ def nf4_roundtrip(weight, quant: dict[str, Any]):
 
 def cache_dir() -> Path | None:
     """Where kept round trips live, or None when the cache is off."""
-    env = os.environ.get("EDGEQLORA_NF4_CACHE", "").strip()
-    if env.lower() in ("0", "off", "false", "no"):
-        return None
-    if env:
-        return Path(env).expanduser()
-    from .base_cache import edgeqlora_home
+    from .base_cache import cache_dir
 
-    return edgeqlora_home() / "nf4"
+    return cache_dir("EDGEQLORA_NF4_CACHE", "nf4")
 
 
 def cache_key(weights_sha256: str, quant: dict[str, Any]) -> str | None:
