@@ -67,10 +67,11 @@ class Cancel(threading.Event):
 
     def set(self) -> None:
         super().set()
+        # Under the lock: a hook never runs after ``hooked`` has removed it (it would flag the
+        # runtime's next call). Hooks only set a flag.
         with self._hooks_lock:
-            hooks = list(self._hooks)
-        for hook in hooks:
-            hook()
+            for hook in self._hooks:
+                hook()
 
     @contextlib.contextmanager
     def hooked(self, hook):
