@@ -44,9 +44,12 @@ def encode(data, qtype):
     Q = gguf.GGMLQuantizationType
     if qtype == Q.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
-    if qtype == Q.F16:
-        return np.ascontiguousarray(data, dtype=np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    # NaN or out-of-range weights (a diverged adapter) make numpy warn on the casts; the export's
+    # verification refuses such a file in one line, and the warning would only add lines to it.
+    with np.errstate(invalid="ignore", over="ignore"):
+        if qtype == Q.F16:
+            return np.ascontiguousarray(data, dtype=np.float16)
+        return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
 def nbytes(shape: list[int], qtype) -> tuple[Any, tuple[int, ...], int]:
