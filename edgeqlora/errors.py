@@ -51,6 +51,13 @@ class ExportError(EdgeQloraError):
     exit_code = 1
 
 
+class DiskFullError(ExportError):
+    """No space left while writing an export: exit 2 like every full disk (``cli.main``), the
+    machine's problem, not the model's; nothing was kept."""
+
+    exit_code = 2
+
+
 class ParityError(EdgeQloraError):
     """A candidate export is beyond the parity thresholds."""
 

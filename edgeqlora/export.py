@@ -53,7 +53,7 @@ from . import export_device as D
 from . import export_inputs as inputs
 from .artifacts import (atomic_dir, check_apart, export_failures, prepare_output,
                         read_json, remove_stale_siblings, scratch_dir, versions, write_manifest)
-from .errors import (ConfigError, EdgeQloraError, ExportError, InputError,
+from .errors import (ConfigError, DiskFullError, EdgeQloraError, ExportError, InputError,
                      ParityError)
 from .schema import write_schema
 
@@ -485,7 +485,7 @@ def _scratch(out_dir: Path) -> Path:
 
 def _os_error(exc: OSError, out_dir: Path) -> EdgeQloraError:
     if exc.errno == errno.ENOSPC:
-        return ExportError(f"disk full while exporting to {out_dir}; free space and run the "
+        return DiskFullError(f"disk full while exporting to {out_dir}; free space and run the "
                            "export again (nothing was kept)")
     return ExportError(f"cannot write export {out_dir}: {exc.strerror or exc}")
 

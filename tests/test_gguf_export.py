@@ -484,7 +484,7 @@ def test_disk_full_mid_write_keeps_previous_export(f16_export, tiny, monkeypatch
     rc = main(["export", str(tiny["adapter"]), "export.eval_tokens=32", "--out", str(f16_export),
                "--quant", "q8_0", "--merge-base", "original", "--force", "--no-parity"])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "disk full" in err and len(err.splitlines()) == 1
+    assert rc == 2 and "disk full" in err and len(err.splitlines()) == 1  # as in every command
     assert calls["n"] == 6
     assert {p.name: p.read_bytes() for p in f16_export.iterdir()} == before
     assert not _leftovers(f16_export.parent, f16_export.name)

@@ -10,7 +10,7 @@ import errno
 import os
 from pathlib import Path
 
-from edgeqlora.errors import ConfigError, ExportError, MissingDependencyError
+from edgeqlora.errors import ConfigError, DiskFullError, ExportError, MissingDependencyError
 
 # Written tensor by tensor with gguf's numpy quantizers; no llama.cpp needed.
 DIRECT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
@@ -60,7 +60,7 @@ def progress(items, what: str, enabled: bool):
 
 def write_error(path: Path, exc: OSError) -> ExportError:
     if exc.errno == errno.ENOSPC:
-        return ExportError(f"disk full while writing {path}; free space on that disk and run "
+        return DiskFullError(f"disk full while writing {path}; free space on that disk and run "
                            "the export again (nothing was kept)")
     return ExportError(f"cannot write {path}: {exc.strerror or exc}")
 
