@@ -38,6 +38,7 @@ from .gguf_abort import AbortFlag
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_N_CTX = 2048
+MAX_N_CTX = 1 << 24  # past any model's trained context: a typo, refused before llama.cpp allocates
 
 
 def is_gguf(path: Path) -> bool:
@@ -90,6 +91,9 @@ class GGUFRuntime(Runtime):
         requested_ctx = DEFAULT_N_CTX if n_ctx is None else int(n_ctx)
         if requested_ctx < 16:
             raise InputError(f"n_ctx={n_ctx} is too small (need >= 16 tokens)")
+        if requested_ctx > MAX_N_CTX:
+            raise InputError(f"n_ctx={n_ctx} is larger than any model's context window "
+                             f"(at most {MAX_N_CTX:,} tokens here)")
 
         def open_llama(ctx: int):
             # llama.cpp prints some warnings even with verbose=False (e.g. a context longer
@@ -103,8 +107,11 @@ class GGUFRuntime(Runtime):
                         n_ubatch=n_batch, n_threads=self.n_threads,
                         n_threads_batch=self.n_threads, logits_all=False, verbose=False)
             except (ValueError, RuntimeError, OSError) as exc:
-                raise InputError(f"llama.cpp could not load {self.path} ({exc}); the file is "
-                                 "truncated, corrupt or of an architecture this "
+                asked = f" with n_ctx={ctx}" if n_ctx is not None else ""
+                why = (f"a {ctx:,}-token context may not fit in memory (try a smaller "
+                       "--n-ctx), or the file" if n_ctx is not None else "the file")
+                raise InputError(f"llama.cpp could not load {self.path}{asked} ({exc}); {why} "
+                                 "is truncated, corrupt or of an architecture this "
                                  "llama-cpp-python does not know") from None
 
         self._llm = open_llama(requested_ctx)

@@ -232,6 +232,9 @@ def test_bad_paths_and_files(tmp_path, gguf_path):
         runtimes.load(truncated)
     with pytest.raises(InputError, match="trained for \\(8192 tokens\\)"):
         runtimes.load(gguf_path, n_ctx=8200)
+    # A typo'd context is the flag's fault, not the file's.
+    with pytest.raises(InputError, match="larger than any model's context"):
+        runtimes.load(gguf_path, n_ctx=99999999999)
     header_only = tmp_path / "header.gguf"
     header_only.write_bytes(b"GGUF")
     with pytest.raises(InputError, match="could not load"):
