@@ -51,7 +51,7 @@ def _run_script(profile: DeviceProfile, context: int) -> str:
     return f"""#!/usr/bin/env bash
 # Start the model in this bundle on a {title}.
 #   ./run.sh            OpenAI-compatible server + web chat on 127.0.0.1:${{PORT:-8080}}
-#   HOST=0.0.0.0 ./run.sh   the same, reachable from the network (no authentication)
+#   HOST=0.0.0.0 EDGEQLORA_API_KEY=... ./run.sh   the same on the network, behind that key
 #   ./run.sh chat       chat in the terminal
 # Needs: pip install 'edgeqlora[device-gguf,serve]' (see devices/raspberry-pi/install.sh).
 set -euo pipefail

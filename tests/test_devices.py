@@ -423,7 +423,10 @@ def test_systemd_unit_placeholders_are_all_filled_by_install_sh():
     unit = (DEVICES / "raspberry-pi" / "edgeqlora.service").read_text()
     install = (DEVICES / "raspberry-pi" / "install.sh").read_text()
     placeholders = set(re.findall(r"@[A-Z]+@", unit))
-    assert placeholders == {"@USER@", "@VENV@", "@BUNDLE@", "@PORT@"}
+    assert placeholders == {"@USER@", "@VENV@", "@BUNDLE@", "@PORT@", "@KEYFILE@"}
+    # On 0.0.0.0 serve refuses to start without an API key: the unit must hand it one.
+    assert "Environment=HOST=0.0.0.0" in unit and "EnvironmentFile=@KEYFILE@" in unit
+    assert "EDGEQLORA_API_KEY=" in install and "umask 077" in install
     for ph in placeholders:
         assert f"s|{ph}|" in install
     assert "ExecStart=@BUNDLE@/run.sh" in unit and "[Install]" in unit
@@ -440,7 +443,8 @@ def test_terminal_chat_streams_from_an_openai_server(capsys, monkeypatch):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             length = int(self.headers["Content-Length"])
-            seen.append((self.path, json.loads(self.rfile.read(length))))
+            seen.append((self.path, json.loads(self.rfile.read(length)),
+                         self.headers.get("Authorization")))
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
@@ -464,9 +468,12 @@ def test_terminal_chat_streams_from_an_openai_server(capsys, monkeypatch):
                                    32, 0.0)
         assert answer == '{"device": "light"}'
         assert capsys.readouterr().out == answer + "\n"
-        path, body = seen[0]
+        path, body, auth = seen[0]
         assert path == "/v1/chat/completions" and body["stream"] is True
-        assert body["messages"][-1]["content"] == "Turn on the light"
+        assert body["messages"][-1]["content"] == "Turn on the light" and auth is None
+        chat.stream_reply(url, [{"role": "user", "content": "hi"}], 8, 0.0, api_key="k3y")
+        assert seen[1][2] == "Bearer k3y"  # the Pi's server wants its key
+        capsys.readouterr()
     finally:
         server.shutdown()
         server.server_close()

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
 
 
 def stream_reply(url: str, messages: list[dict], max_tokens: int, temperature: float,
-                 out=sys.stdout) -> str:
+                 out=sys.stdout, api_key: str | None = None) -> str:
     body = json.dumps({"messages": messages, "stream": True, "max_tokens": max_tokens,
                        "temperature": temperature}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url.rstrip("/") + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     pieces = []
     with urllib.request.urlopen(req, timeout=600) as resp:
         for raw in resp:
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--once", action="store_true", help="answer one message from stdin, exit")
+    p.add_argument("--api-key", default=os.environ.get("EDGEQLORA_API_KEY"),
+                   help="the server's API key (default $EDGEQLORA_API_KEY; install.sh keeps "
+                        "the Pi's in ~/.local/share/edgeqlora/api-key.env)")
     args = p.parse_args(argv)
     history = [{"role": "system", "content": args.system}] if args.system else []
     try:
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("chat.py: nothing on stdin", file=sys.stderr)
                 return 2
             stream_reply(args.url, history + [{"role": "user", "content": text}],
-                         args.max_tokens, args.temperature)
+                         args.max_tokens, args.temperature, api_key=args.api_key)
             return 0
         print(f"chatting with {args.url} (empty line or Ctrl-D ends)", file=sys.stderr)
         while True:
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             if not line.strip():
                 break
             history.append({"role": "user", "content": line})
-            answer = stream_reply(args.url, history, args.max_tokens, args.temperature)
+            answer = stream_reply(args.url, history, args.max_tokens, args.temperature,
+                                  api_key=args.api_key)
             history.append({"role": "assistant", "content": answer})
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace")

@@ -86,11 +86,19 @@ else
 fi
 "$VENV/bin/edgeqlora" devices fit "$target/export" --device "$target/device.toml"
 
+# The service listens on the network, where serve wants an API key: made once, kept private,
+# kept across re-installs.
+keyfile="$HOME_DIR/api-key.env"
+if [[ ! -s "$keyfile" ]]; then
+    (umask 077; printf 'EDGEQLORA_API_KEY=%s\n' "$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')" >"$keyfile")
+fi
 say "systemd service edgeqlora.service (sudo)"
 sed -e "s|@USER@|$(id -un)|g" -e "s|@VENV@|$VENV|g" -e "s|@BUNDLE@|$target|g" \
-    -e "s|@PORT@|$PORT|g" "$HERE/edgeqlora.service" | sudo tee /etc/systemd/system/edgeqlora.service >/dev/null
+    -e "s|@PORT@|$PORT|g" -e "s|@KEYFILE@|$keyfile|g" "$HERE/edgeqlora.service" \
+    | sudo tee /etc/systemd/system/edgeqlora.service >/dev/null
 sudo systemctl daemon-reload
 sudo systemctl enable --now edgeqlora.service
 ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
 say "serving: web chat at http://${ip:-<this-pi>}:$PORT/ ; terminal chat: $HERE/chat.py --url http://127.0.0.1:$PORT"
+say "API key (the web chat's key field, chat.py --api-key, Authorization: Bearer): $(cut -d= -f2 "$keyfile") (kept in $keyfile)"
 say "logs: journalctl -u edgeqlora -f"
