@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -27,7 +28,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgeqlora.artifacts import (FORMAT_VERSION, MANIFEST, check_usable_export,
-                                 export_failures, read_manifest, sha256_file, verify_files)
+                                 export_failures, read_manifest, remove_stale_siblings,
+                                 scratch_dir, sha256_file, verify_files)
 from edgeqlora.errors import DeviceError, InputError
 
 from .fit import MiB, fit, model_facts
@@ -127,53 +129,68 @@ def create_bundle(export: str | Path, device: str | Path, out: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     top = out.name.removesuffix(".tar.gz").removesuffix(".tgz")
 
-    with tempfile.TemporaryDirectory(prefix=f".{top}.stage-", dir=out.parent) as stage:
-        root = Path(stage) / top
-        (root / EXPORT_DIR).mkdir(parents=True)
-        for p in sorted(export.rglob("*")):
-            if p.is_symlink():
-                raise InputError(f"{p} is a symbolic link; a bundle carries regular files only")
-            dest = root / EXPORT_DIR / p.relative_to(export)
-            if p.is_dir():
-                dest.mkdir(exist_ok=True)
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                # Hard links keep staging instant for multi-GB models; copy across devices.
-                try:
-                    os.link(p, dest)
-                except OSError:
-                    import shutil
+    # Hidden siblings named by this process (.OUT.stage-PID-*, .OUT.tmp-PID-*): what a killed
+    # bundle left behind is removed by the next one, as an export's is.
+    remove_stale_siblings(out)
+    stage = scratch_dir(out, "stage")
+    try:
+        manifest = _stage_and_pack(export, export_manifest, profile, context, result, out, top,
+                                   Path(stage))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
 
-                    shutil.copyfile(p, dest)
-        (root / PROFILE_NAME).write_text(profile.text, encoding="utf-8")
-        (root / RUN_SCRIPT).write_text(_run_script(profile, context), encoding="utf-8")
-        (root / RUN_SCRIPT).chmod(0o755)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": BUNDLE_KIND,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "device": profile.name,
-            "device_title": profile.title,
-            "context": context,
-            "export": {"target": export_manifest.get("target"),
-                       "quant": export_manifest.get("quant"), "source": str(export.resolve())},
-            "fit": result.to_dict(),
-            "export_failures": export_failures(export_manifest),
-            "files": _file_table(root),
-        }
-        (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
-            # Level 1: quantized weights hardly compress, and level 9 costs minutes on a Pi.
-            with tarfile.open(tmp_name, "w:gz", compresslevel=1) as tar:
-                tar.add(root, arcname=top, filter=_normalize)
-            verify_bundle(tmp_name)
-            os.chmod(tmp_name, 0o644)
-            os.replace(tmp_name, out)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+
+def _stage_and_pack(export, export_manifest, profile, context, result, out, top, stage):
+    """Lay the bundle out in ``stage`` (hard links to the export's files), then write it to a
+    hidden temporary tarball beside ``out``, verify it and rename it into place."""
+    root = stage / top
+    (root / EXPORT_DIR).mkdir(parents=True)
+    for p in sorted(export.rglob("*")):
+        if p.is_symlink():
+            raise InputError(f"{p} is a symbolic link; a bundle carries regular files only")
+        dest = root / EXPORT_DIR / p.relative_to(export)
+        if p.is_dir():
+            dest.mkdir(exist_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # Hard links keep staging instant for multi-GB models; copy across devices.
+            try:
+                os.link(p, dest)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(p, dest)
+    (root / PROFILE_NAME).write_text(profile.text, encoding="utf-8")
+    (root / RUN_SCRIPT).write_text(_run_script(profile, context), encoding="utf-8")
+    (root / RUN_SCRIPT).chmod(0o755)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": BUNDLE_KIND,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": profile.name,
+        "device_title": profile.title,
+        "context": context,
+        "export": {"target": export_manifest.get("target"),
+                   "quant": export_manifest.get("quant"), "source": str(export.resolve())},
+        "fit": result.to_dict(),
+        "export_failures": export_failures(export_manifest),
+        "files": _file_table(root),
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-",
+                                    dir=out.parent)
+    os.close(fd)
+    try:
+        # Level 1: quantized weights hardly compress, and level 9 costs minutes on a Pi.
+        with tarfile.open(tmp_name, "w:gz", compresslevel=1) as tar:
+            tar.add(root, arcname=top, filter=_normalize)
+        verify_bundle(tmp_name)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
     return manifest
 
 
@@ -311,7 +328,6 @@ def unpack_bundle(path: str | Path, dest: str | Path) -> Path:
     import errno
     import shutil
 
-    from edgeqlora.artifacts import remove_stale_siblings, scratch_dir
 
     path, dest = Path(path), Path(dest)
     verify_bundle(path)

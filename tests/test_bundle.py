@@ -347,3 +347,25 @@ def test_oversized_manifest_is_refused_before_it_is_read(bundle, tmp_path, monke
     monkeypatch.setattr(B, "MAX_MANIFEST_BYTES", 64)
     with pytest.raises(InputError, match="a bundle manifest is at most 64"):
         verify_bundle(bundle)
+
+
+def test_a_killed_bundles_leftovers_are_removed_by_the_next(export_dir, tmp_path):
+    """kill -9 during ``bundle create`` leaves its hidden stage folder and temporary tarball;
+    both carry the dead process's id, and the next bundle to the same path removes them (a live
+    process's are kept) and leaves none of its own."""
+    import os
+
+    from edgeqlora.devices.bundle import create_bundle
+
+    out = tmp_path / "b.tar.gz"
+    dead = 2**22 + 12345  # above any pid_max default: no such process
+    stale_stage = tmp_path / f".b.tar.gz.stage-{dead}-abcd"
+    (stale_stage / "b" / "export").mkdir(parents=True)
+    (stale_stage / "b" / "export" / "model.gguf").write_bytes(b"x" * 1000)
+    stale_tmp = tmp_path / f".b.tar.gz.tmp-{dead}-efgh"
+    stale_tmp.write_bytes(b"half a tarball")
+    live = tmp_path / f".b.tar.gz.tmp-{os.getppid()}-ijkl"
+    live.write_bytes(b"another bundle in progress")
+    create_bundle(export_dir, "pi5", out)
+    assert not stale_stage.exists() and not stale_tmp.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".b.")) == [live.name]
