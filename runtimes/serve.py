@@ -39,9 +39,10 @@ from typing import Any, AsyncIterator, Mapping
 from edgeqlora.errors import EdgeQloraError, InputError, require
 
 from .base import Cancel, Completion, Runtime, check_sampling
-from .serve_guard import (DEFAULT_MAX_QUEUE, LOOPBACK_NAMES, Admission, Metrics,  # noqa: F401
-                          RequestError, _parse_body, _text_content, check_api_key,
-                          default_allowed_hosts, host_allowed, response_schema)
+from .serve_guard import (DEFAULT_MAX_QUEUE, LOOPBACK_NAMES, Admission,  # noqa: F401
+                          GenerationTimeout, Metrics, RequestError, _parse_body, _text_content,
+                          check_api_key, default_allowed_hosts, host_allowed, response_schema,
+                          within_budget)
 from .webchat import PAGE, web_app_routes
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,6 @@ DEFAULT_MAX_TOKENS_LIMIT = 1024
 DEFAULT_MAX_TOKENS = 256
 BODY_TIMEOUT_S = 30.0  # to receive a whole request body
 DEFAULT_REQUEST_TIMEOUT_S = 600.0  # queueing + generation of one request (a Pi: ~200 s for 1k)
-
-
-class GenerationTimeout(Exception):
-    """A request's generation ran past the server's per-request budget."""
 
 
 def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
@@ -153,7 +150,8 @@ class ServerState:
 
         loop.run_in_executor(None, work)
         budget = self.request_timeout_s
-        deadline = None if budget is None else loop.time() + budget
+        deadline = None if budget is None else \
+            loop.time() + budget - (time.perf_counter() - arrived)  # from its arrival
         try:
             while True:
                 wait = 0.25 if gone is not None else None
@@ -330,12 +328,14 @@ def create_app(runtime: Runtime, model_id: str | None = None,
         kwargs = state.sampling(body)
         # Template rendering, tokenization and compiling a schema are CPU work: in a thread,
         # off the event loop (all read-only on the model, safe beside a generation).
-        ids = await asyncio.to_thread(_chat_prompt if chat else _completion_prompt, state, body)
+        ids = await within_budget(state.request_timeout_s, arrived,
+                                  _chat_prompt if chat else _completion_prompt, state, body)
         _check_room(state, ids)
         schema = response_schema(body, state.default_schema)
         if schema is not None:
             try:
-                kwargs["json_schema"] = await asyncio.to_thread(runtime.grammar, schema)
+                kwargs["json_schema"] = await within_budget(state.request_timeout_s, arrived,
+                                                            runtime.grammar, schema)
             except EdgeQloraError as exc:
                 raise RequestError(str(exc), param="response_format") from None
         stream = body.get("stream", False)

@@ -20,6 +20,28 @@ DEFAULT_MAX_QUEUE = 8  # requests admitted (one generating, the rest waiting) be
 RETRY_AFTER_S = 2
 
 
+class GenerationTimeout(Exception):
+    """A request ran past the server's per-request budget (counted from its arrival)."""
+
+
+async def within_budget(budget: float | None, arrived: float, fn, *args):
+    """``fn(*args)`` in a worker thread (CPU work kept off the event loop: parsing, template
+    rendering, tokenization, compiling a schema), ``GenerationTimeout`` once the request's
+    budget is spent; a thread cannot be stopped, so it finishes on its own, unanswered."""
+    import asyncio
+
+    call = asyncio.to_thread(fn, *args)
+    if budget is None:
+        return await call
+    try:
+        return await asyncio.wait_for(call, timeout=max(budget - (time.perf_counter() - arrived),
+                                                        0.001))
+    except asyncio.TimeoutError:
+        raise GenerationTimeout(f"the request ran past this server's budget of {budget:g} s "
+                                "(preparing its prompt; edgeqlora serve --request-timeout)"
+                                ) from None
+
+
 class RequestError(Exception):
     """An HTTP error answer: status, message (OpenAI's error object), optional headers."""
 

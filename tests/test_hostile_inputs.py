@@ -702,6 +702,28 @@ def test_serve_timeout_stops_the_runtime_inside_a_long_prompt():
     assert not app.state.edgeqlora.lock.locked()  # the next request does not wait 30 s
 
 
+class _SlowPromptRuntime(_SlowRuntime):
+    """A stand-in whose prompt takes long to prepare (a template over 25,000 messages)."""
+
+    def chat_ids(self, messages, add_generation_prompt=True):
+        import time
+
+        time.sleep(1.5)
+        return super().chat_ids(messages, add_generation_prompt)
+
+
+def test_serve_timeout_counts_the_prompts_preparation():
+    """The budget runs from the request's arrival: it ends while the prompt is still being
+    prepared (before: only queueing and generation counted, so 25,000 messages ran 54 s under
+    a 6 s budget). (The time is not measured here: ``asyncio.run`` in ``_asgi_post`` waits for
+    the worker thread at shutdown, where a server's loop goes on.)"""
+    from edgeqlora.runtimes.serve import create_app
+
+    app = create_app(_SlowPromptRuntime(), "m", request_timeout_s=0.3)
+    status, raw = _asgi_post(app, CHAT, JSON)
+    assert status == 504 and "preparing its prompt" in json.loads(raw)["error"]["message"]
+
+
 def test_serve_refuses_a_nonpositive_request_timeout():
     from edgeqlora.errors import InputError
     from edgeqlora.runtimes.serve import create_app
