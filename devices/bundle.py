@@ -158,8 +158,6 @@ def _stage_and_pack(export, export_manifest, profile, context, result, out, top,
             try:
                 os.link(p, dest)
             except OSError:
-                import shutil
-
                 shutil.copyfile(p, dest)
     (root / PROFILE_NAME).write_text(profile.text, encoding="utf-8")
     (root / RUN_SCRIPT).write_text(_run_script(profile, context), encoding="utf-8")
@@ -326,7 +324,6 @@ def unpack_bundle(path: str | Path, dest: str | Path) -> Path:
     an export: extracted into a hidden sibling, verified again, then renamed into place, so a
     full disk or a kill leaves no partial folder (and the next unpack removes a dead one's)."""
     import errno
-    import shutil
 
 
     path, dest = Path(path), Path(dest)
