@@ -11,10 +11,11 @@ optimizer steps (model loading and evaluation excluded, for both).
 ``--device-quant gguf-q4_k_m`` adds our trainer on that device-aware base (the exact GGUF bytes
 the export ships, ``edgeqlora.device_base``) beside ours on NF4, with the frozen weights' memory
 computed for both as a GPU holds them (NF4: bitsandbytes' packed weights and scales; the device
-base: ``GGMLLinear``'s packed GGML rows) and each run's measured peak.
+base: ``GGMLLinear``'s packed GGML rows, or ``onnx-int4``'s MatMulNBits blocks) and each run's
+measured peak.
 
     python bench/train_throughput.py --steps 5 --out bench-train.json
-        [--device-quant gguf-q4_k_m]
+        [--device-quant gguf-q4_k_m | onnx-int4]
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def weight_bits(base: str, quant: str) -> dict:
     from edgeqlora.base import resolve_base
 
     path = resolve_base(base)
-    if quant.startswith("gguf-"):
+    if quant.startswith(("gguf-", "onnx-")):
         from edgeqlora.device_base import load_device_base
         from edgeqlora.ggml_torch import GGMLLinear
 

@@ -21,7 +21,8 @@ from typing import Any
 from .errors import ConfigError
 
 QUANT_CHOICES = ("nf4", "fp4", "int8", "none", "gguf-q4_0", "gguf-q4_1", "gguf-q4_k_m",
-                 "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0")
+                 "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0", "onnx-int4",
+                 "onnx-int4-q8head")
 TARGET_PRESETS = ("all-linear", "attention")
 MERGE_BASES = ("auto", "original", "dequantized", "best")
 
@@ -256,7 +257,10 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"recipe {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {p} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):

@@ -1,6 +1,6 @@
 """Device-aware bases: train the adapter on the exact quantized base the device will run.
 
-``quant=gguf-q4_k_m`` (and ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_k_m``, ``gguf-q6_k``, ``gguf-q8_0``) quantizes
+GGUF: ``quant=gguf-q4_k_m`` (and ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_k_m``, ``gguf-q6_k``, ``gguf-q8_0``) quantizes
 the base once with the GGUF exporter's own code (``exporters.gguf.tensor_bytes``: llama.cpp's
 per-tensor type choice and ``ggml_quantize_chunk``, the function the export writes the base GGUF
 with), and every weight of the training model (linear layers, embedding, output head) becomes
@@ -12,6 +12,14 @@ The sha256 of every tensor's bytes goes into the adapter manifest (``quant.devic
 writes the base GGUF with the same function, checks each tensor against it, and ships the LoRA
 unmerged beside it: the device then runs the trained model, up to llama.cpp's 8-bit activation
 rounding in its quantized dot products.
+
+ONNX: ``quant=onnx-int4`` (or ``onnx-int4-q8head``: the head and a tied embedding at 8 bits)
+traces and quantizes the base with the ONNX exporter's own path
+(``exporters.onnx.device.tensor_bytes``: onnxruntime's MatMulNBits quantizer, round to
+nearest, blocks of 32, symmetric) and every linear layer, the output head and the token
+embedding become the dequantization of those bytes (equal to onnxruntime's kernels, tested);
+the export writes the int4 base graph the same way, checks each tensor, and ships the LoRA as
+an onnxruntime adapter file beside it (the ``--adapter-only`` layout).
 
 On CPU the dequantized weights are held as plain fp32 tensors (what ``qlora.dequantized_weights``
 does for NF4: faster than dequantizing at every call). On a GPU the decoder's linear layers hold
@@ -32,7 +40,8 @@ from .errors import ConfigError, ManifestError
 DEVICE_QUANTS = {"gguf-q4_0": ("gguf", "q4_0"), "gguf-q4_1": ("gguf", "q4_1"),
                  "gguf-q4_k_m": ("gguf", "q4_k_m"),
                  "gguf-q5_k_m": ("gguf", "q5_k_m"), "gguf-q6_k": ("gguf", "q6_k"),
-                 "gguf-q8_0": ("gguf", "q8_0")}
+                 "gguf-q8_0": ("gguf", "q8_0"), "onnx-int4": ("onnx", "int4"),
+                 "onnx-int4-q8head": ("onnx", "int4-q8head")}
 
 
 def is_device_quant(quant: str | None) -> bool:
@@ -60,7 +69,15 @@ def check_model(path: Path, quant: str) -> None:
 
 def device_state(base_dir: Path, quant: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the dequantized weights by checkpoint tensor name as float32 torch tensors, the
-    manifest record: target, quant, per-tensor GGUF name, type and sha256 of its bytes)."""
+    manifest record: target, quant, per-tensor name in the export's file, type and sha256 of its
+    bytes, and ``packed``: the layers' bytes for ``GGMLLinear``, popped before it is recorded)."""
+    target, q = DEVICE_QUANTS[quant]
+    state, record = (_gguf_state if target == "gguf" else _onnx_state)(Path(base_dir), q)
+    digest = hashlib.sha256("".join(v["sha256"] for v in record["tensors"].values()).encode())
+    return state, {"target": target, "quant": q, **record, "data_sha256": digest.hexdigest()}
+
+
+def _gguf_state(base_dir: Path, q: str) -> tuple[dict[str, Any], dict[str, Any]]:
     import gguf
     import numpy as np
     import torch
@@ -69,8 +86,7 @@ def device_state(base_dir: Path, quant: str) -> tuple[dict[str, Any], dict[str, 
     from .exporters.gguf.kernels import unpermute_qk
     from .exporters.gguf.writer import rope_heads
 
-    target, q = DEVICE_QUANTS[quant]
-    heads = rope_heads(read_config(Path(base_dir)))
+    heads = rope_heads(read_config(base_dir))
     state: dict[str, Any] = {}
     tensors: dict[str, dict[str, Any]] = {}
     packed: dict[str, tuple[Any, Any]] = {}
@@ -94,9 +110,34 @@ def device_state(base_dir: Path, quant: str) -> tuple[dict[str, Any], dict[str, 
         state[t["src"]] = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
         tensors[t["src"]] = {"gguf": t["name"], "type": qtype.name,
                              "sha256": hashlib.sha256(raw).hexdigest()}
-    digest = hashlib.sha256("".join(v["sha256"] for v in tensors.values()).encode())
-    return state, {"target": target, "quant": q, "tensors": tensors,
-                   "data_sha256": digest.hexdigest(), "packed": packed}
+    return state, {"tensors": tensors, "packed": packed}
+
+
+def _onnx_state(base_dir: Path, q: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The int4 graph's quantized weights; norms and biases stay fp32 in the graph, so they are
+    the checkpoint's own values. The linear layers' blocks are also kept packed (``NBits``) for
+    ``GGMLLinear``; a head tied to the embedding stays dense, as the embedding does."""
+    import torch
+
+    from .exporters.onnx.device import dequantize, tensor_bytes
+    from .ggml_torch import NBits
+
+    weights, options = tensor_bytes(base_dir, q)
+    tied = any("shared_with" in w for w in weights)
+    state: dict[str, Any] = {}
+    tensors: dict[str, dict[str, Any]] = {}
+    packed: dict[str, tuple[Any, Any]] = {}
+    for w in weights:
+        state[w["src"]] = torch.from_numpy(dequantize(w["arrays"], w["bits"], w["block_size"],
+                                                      w["shape"]))
+        tensors[w["src"]] = {"onnx": w["node"],
+                             "type": f"{w['op']} {w['bits']}-bit, block {w['block_size']}",
+                             "sha256": w["sha256"]}
+        if (w["op"] == "MatMulNBits" and w["bits"] == 4 and len(w["arrays"]) == 2
+                and "shared_with" not in w and not (tied and w["src"] == "lm_head.weight")):
+            kind = NBits(w["block_size"])
+            packed[w["src"]] = (kind.pack(*w["arrays"], w["shape"][0]), kind)
+    return state, {"options": options, "tensors": tensors, "packed": packed}
 
 
 def apply_state(model, state: dict[str, Any]) -> int:
@@ -175,10 +216,11 @@ def check_recorded(record: dict[str, Any], recorded: dict[str, Any] | None, wher
         want = recorded.get("tensors", {}).get(name, {}).get("sha256")
         if want != t["sha256"]:
             raise ManifestError(
-                f"{where}: the {record['quant']} bytes of {name} ({t['gguf']}, {t['type']}) "
-                f"are not the ones the adapter was trained on (sha256 {t['sha256'][:12]}..., "
-                f"recorded {str(want)[:12]}...); llama-cpp-python or gguf changed since "
-                "training: install the versions in the adapter's manifest or train again")
+                f"{where}: the {record['quant']} bytes of {name} ({_file_name(record, t)}, "
+                f"{t['type']}) are not the ones the adapter was trained on (sha256 "
+                f"{t['sha256'][:12]}..., recorded {str(want)[:12]}...); {_KERNELS[_target(record)]} "
+                "changed since training: install the versions in the adapter's manifest or "
+                "train again")
     raise ManifestError(f"{where}: the device base has other tensors than the adapter was "
                         "trained on; train it again with this version")
 
@@ -202,28 +244,71 @@ def export_quant(quant_record: dict[str, Any], adapter_dir, target: str,
 
 
 def lora_precision(adapter_dir: Path) -> str:
-    """The adapter GGUF type that keeps the LoRA at its own precision: f32, or f16 for a
-    half-precision adapter."""
+    """The adapter file type that keeps the LoRA at its own precision: f32, or f16 for a
+    half-precision adapter (GGUF; ONNX adapter files are always f32)."""
     from .artifacts import safetensors_specs
 
     dtypes = {dtype for _, _, _, dtype in safetensors_specs(Path(adapter_dir), "adapter")}
     return "f32" if dtypes <= {"F32"} else "f16"
 
 
+# What makes a target's device bytes, named when they changed since training.
+_KERNELS = {"gguf": "llama-cpp-python or gguf", "onnx": "onnxruntime, onnx or torch"}
+
+
+def _target(record: dict[str, Any]) -> str:
+    return record.get("target", "gguf")  # records older than ONNX device bases are GGUF's
+
+
+def _file_name(record: dict[str, Any], tensor: dict[str, Any]) -> str:
+    """A recorded tensor's name in the export's file (GGUF tensor, ONNX node)."""
+    return tensor["gguf" if _target(record) == "gguf" else "onnx"]
+
+
 def check_written(model_file: Path, recorded: dict[str, Any]) -> int:
-    """Every tensor of the written base GGUF must be byte-identical to the one the adapter was
-    trained on (sha256 per tensor, from the adapter manifest). Returns how many were checked."""
-    from .exporters.gguf import tensor_digests
+    """Every tensor of the written base (GGUF, or the ONNX graph's quantized nodes) must be
+    byte-identical to the one the adapter was trained on (sha256 per tensor, from the adapter
+    manifest). Returns how many were checked."""
+    target = _target(recorded)
+    if target == "gguf":
+        from .exporters.gguf import tensor_digests
+    else:
+        from .exporters.onnx.device import tensor_digests
 
     digests = tensor_digests(model_file)
     for name, t in recorded["tensors"].items():
-        if digests.get(t["gguf"]) != t["sha256"]:
+        where = _file_name(recorded, t)
+        if digests.get(where) != t["sha256"]:
             raise ManifestError(
-                f"the base GGUF's {t['gguf']} ({name}) is not the {t['type']} tensor the "
-                f"adapter was trained on (sha256 {str(digests.get(t['gguf']))[:12]}..., trained "
+                f"the base {target.upper()}'s {where} ({name}) is not the {t['type']} tensor the "
+                f"adapter was trained on (sha256 {str(digests.get(where))[:12]}..., trained "
                 f"{t['sha256'][:12]}...); nothing was written. The base checkpoint or "
-                "llama-cpp-python/gguf changed since training: restore them or train again")
+                f"{_KERNELS[target]} changed since training: restore them or train again")
     return len(recorded["tensors"])
+
+
+# MatMulNBits' accuracy level for a device-aware ONNX export: 0 computes in float32 from the
+# trained bytes, so onnxruntime runs the trained model itself (measured on the quickstart: KLD
+# 4e-11, top-1 100 %, 50/50 identical answers); 4, the merged exports' level, rounds the
+# activations to 8 bits (KLD 0.002-0.0035, top-1 95-98 %, 48/50) and decodes faster.
+DEVICE_ACCURACY_LEVEL = 0
+
+
+def export_options(recorded: dict[str, Any], options: dict[str, Any],
+                   given: dict[str, Any]) -> dict[str, Any]:
+    """An ONNX device base's byte options (block size, symmetry) as trained, refusing a
+    different one asked for (``given``: what the caller set) in one line; its accuracy level
+    ``DEVICE_ACCURACY_LEVEL`` unless the caller set one."""
+    trained = recorded.get("options") or {}
+    for key, value in trained.items():
+        if key in given and given[key] is not None and given[key] != value:
+            raise ConfigError(f"the adapter was trained on the {recorded['quant']} base made "
+                              f"with {key}={value}; {key}={given[key]} would ship another base "
+                              f"(drop the option, or --merge to re-quantize)")
+    options = {**options, **trained}
+    if _target(recorded) == "onnx" and given.get("accuracy_level") is None:
+        options["accuracy_level"] = DEVICE_ACCURACY_LEVEL
+    return options
 
 
 def check_merge(quant_record: dict[str, Any], adapter_dir, target: str, quant: str,

@@ -113,7 +113,7 @@ def _fail_closed(check: dict[str, Any]) -> dict[str, Any]:
     return check
 
 
-def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "gguf",
+def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str | None = None,
                    quant: str | None = None, merge_base: str = "auto",
                    adapter_only: bool = False, adapter_quant: str | None = None,
                    merge: bool = False,
@@ -124,6 +124,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
                    **options: Any) -> dict[str, Any]:
     """Merge, export, verify; returns the manifest written to ``out_dir/manifest.json``.
 
+    ``target``: gguf unless the adapter is device-aware (then the one it was trained for).
     ``options`` go to the target's writer (GGUF: imatrix, imatrix_rows; ONNX: block_size,
     symmetric, accuracy_level, context_length, calibration_data, calibration_rows). With
     ``parity`` the export is also run through the parity gate against the trained model before
@@ -148,6 +149,9 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     if keep_failed and device is not None:
         raise ConfigError("--keep-failed keeps a failed export for inspection; with --device "
                           "only a quant that fits and passes is ever kept: drop one of them")
+    if target is None:
+        trained_for = None if merge else DB.device_target(adapter_quant_record(adapter_dir))
+        target = trained_for[0] if trained_for else "gguf"
     exporter = get_exporter(target)
     trained_quant = DB.export_quant(adapter_quant_record(adapter_dir), adapter_dir, target, quant) \
         if not merge else None
@@ -170,7 +174,10 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str = "
     from_adapter = [q for q in candidates if q in getattr(exporter, "FROM_ADAPTER_QUANTS", ())]
     if from_adapter and len(candidates) > 1:
         raise AssertionError("device candidates never include quants made from the adapter")
-    options = exporter.check_options(options)
+    given, options = options, exporter.check_options(options)
+    if trained_quant is not None:  # the options that made the trained bytes (ONNX block size)
+        options = DB.export_options(adapter_quant_record(adapter_dir).get("device") or {},
+                                    options, given)
     out_dir = Path(out_dir)
     _prepare(out_dir, force)
     adapter = M.read_adapter(adapter_dir)
@@ -413,8 +420,9 @@ class _Gate:
             name = next(iter(report.get("candidates", {})), None)
             metrics = report.get("candidates", {}).get(name)
             runtime = (metrics or {}).get("runtime") or {}
-            if runtime.get("path"):  # the scratch copy it was gated in: name the file instead
-                runtime["path"] = Path(runtime["path"]).name
+            for key in ("path", "lora"):  # the scratch copy it was gated in: name the file
+                if runtime.get(key):
+                    runtime[key] = Path(runtime[key]).name
             entry = {"passed": report.get("passed"), "thresholds": report.get("thresholds"),
                      "failures": report.get("failures", {}).get(name), "metrics": metrics,
                      "reference": report.get("reference")}

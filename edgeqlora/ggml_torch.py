@@ -19,6 +19,10 @@ packed GGML blocks on the GPU and dequantizes them on the fly, as bitsandbytes d
   dequantizes into float32, casts to ``x.dtype`` and calls ``F.linear``; backward re-dequantizes
   instead of keeping the dense weight alive (like bitsandbytes' ``MatMul4Bit``).
 - ``register_lora(config)``: lets PEFT's LoRA target ``GGMLLinear`` layers by ``target_modules``.
+- ``NBits``: one more block type beside GGML's, for the ONNX int4 device base (``onnx-int4``):
+  onnxruntime's MatMulNBits 4-bit symmetric blocks, laid out here per block as the float32 scale
+  then the packed values (low nibble first), dequantized as ``(q - 8) * scale`` (one rounding,
+  the same float32 operation as ``exporters.onnx.device.dequantize``).
 
 Byte order: GGUF is little-endian and so is every host we run on; the f16 fields are read by
 viewing their two bytes as float16, as gguf-py does with numpy.
@@ -38,9 +42,56 @@ SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-def _qtype(qtype):
-    """A ``gguf.GGMLQuantizationType`` from the type, its name ("Q4_K") or its number."""
+class NBits:
+    """MatMulNBits' symmetric 4-bit blocks of ``block_size`` values as one GGML-like block of
+    ``4 + block_size / 2`` bytes: the float32 scale, then the values, two a byte, low nibble
+    first, zero point 8. Used as a ``qtype`` wherever one is taken."""
+
+    def __init__(self, block_size: int = 32):
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"MatMulNBits block size {block_size}: a power of two >= 16")
+        self.block_size = int(block_size)
+        self.type_size = 4 + self.block_size // 2
+        self.name = f"ONNX_Q4_B{self.block_size}"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NBits) and other.block_size == self.block_size
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def pack(self, data, scales, n: int) -> Any:
+        """uint8 ``[n, row bytes]`` from MatMulNBits' B ``[n, blocks, block_size / 2]`` and
+        scales (``n * blocks`` float32), numpy."""
+        import numpy as np
+
+        data = np.asarray(data, dtype=np.uint8).reshape(n, -1, self.block_size // 2)
+        s = np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(n, -1, 1))
+        return np.concatenate([s.view(np.uint8), data], axis=2).reshape(n, -1)
+
+
+def _dequant_nbits(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    scale = blocks[:, :4].contiguous().view(torch.float32)
+    packed = blocks[:, 4:]
+    q = torch.stack([packed & 0x0F, torch.bitwise_right_shift(packed, 4)], dim=-1).reshape(n, -1)
+    return (q.to(torch.float32) - 8.0) * scale
+
+
+def _sizes(q) -> tuple[int, int]:
+    """(values, bytes) of one block of ``q``."""
     import gguf
+
+    return (q.block_size, q.type_size) if isinstance(q, NBits) else gguf.GGML_QUANT_SIZES[q]
+
+
+def _qtype(qtype):
+    """A ``gguf.GGMLQuantizationType`` from the type, its name ("Q4_K") or its number; an
+    ``NBits`` as it is."""
+    import gguf
+
+    if isinstance(qtype, NBits):
+        return qtype
 
     Q = gguf.GGMLQuantizationType
     try:
@@ -56,10 +107,8 @@ def _qtype(qtype):
 
 def row_bytes(qtype, n_per_row: int) -> int:
     """Bytes of one row of ``n_per_row`` values stored as ``qtype``."""
-    import gguf
-
     q = _qtype(qtype)
-    block_size, type_size = gguf.GGML_QUANT_SIZES[q]
+    block_size, type_size = _sizes(q)
     if n_per_row % block_size:
         raise ValueError(f"a {q.name} row holds a whole number of {block_size}-value blocks; "
                          f"{n_per_row} values is not one")
@@ -237,13 +286,12 @@ def dequantize(data: torch.Tensor, qtype, shape) -> torch.Tensor:
     """float32 tensor of ``shape`` from ``data``, the raw GGML bytes (uint8, any shape, rows
     contiguous as on disk) of a ``qtype`` tensor (``gguf.GGMLQuantizationType`` or its name).
     Bit-identical to ``gguf.quants.dequantize`` on the same bytes; runs where ``data`` is."""
-    import gguf
-
     q = _qtype(qtype)
     shape = tuple(int(s) for s in shape)
     _check_bytes(data, q, shape)
-    type_size = gguf.GGML_QUANT_SIZES[q][1]
-    blocks = data.reshape(-1, type_size)
+    blocks = data.reshape(-1, _sizes(q)[1])
+    if isinstance(q, NBits):
+        return _dequant_nbits(blocks).reshape(shape)
     return _DEQUANT[q.name](blocks).reshape(shape)
 
 

@@ -13,7 +13,9 @@ Output: ``DIR/adapter/``, ``DIR/exports/<target>-<quant>/`` (each with its manif
 again on the exact Q4_K_M base the device runs (``quant=gguf-q4_k_m``, ``DIR/device-aware/``),
 exported unmerged (that base's bytes + the LoRA, ``DIR/exports/gguf-q4_k_m-device-aware/``) and
 parity-checked against its own trained model, beside the NF4 run's merged, re-quantized Q4_K_M.
-It costs a second training run (about 8 minutes on 2 cores at the CPU sizing).
+``--device-aware onnx`` does the same on the ONNX int4 base (``quant=onnx-int4``,
+``DIR/device-aware-onnx/``, the int4 graph + an onnxruntime adapter file), ``gguf,onnx`` both.
+Each costs another training run (about 8 minutes on 2 cores at the CPU sizing).
 """
 
 from __future__ import annotations
@@ -51,7 +53,24 @@ EXPORTS = (("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"),
            ("onnx", ONNX_DEFAULT_QUANT))
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
-DEVICE_AWARE = ("gguf-q4_k_m", "gguf-q4_k_m-device-aware")  # (quant=, export name)
+# target -> (quant=, export name, run folder, the export's quant)
+DEVICE_AWARE = {"gguf": ("gguf-q4_k_m", "gguf-q4_k_m-device-aware", "device-aware", "q4_k_m"),
+                "onnx": ("onnx-int4", "onnx-int4-device-aware", "device-aware-onnx", "int4")}
+
+
+def device_aware_targets(device_aware: bool | str | None) -> tuple[str, ...]:
+    """The device-aware variants asked for: True is the GGUF one; a string names targets
+    (``gguf``, ``onnx``, ``gguf,onnx``); one line for anything else."""
+    if not device_aware:
+        return ()
+    if device_aware is True:
+        return ("gguf",)
+    targets = tuple(dict.fromkeys(t.strip().lower() for t in str(device_aware).split(",")))
+    unknown = [t for t in targets if t not in DEVICE_AWARE]
+    if unknown or not targets:
+        raise InputError(f"--device-aware {device_aware}: the targets are "
+                         f"{', '.join(DEVICE_AWARE)} (comma-separated)")
+    return targets
 
 
 def _has_cuda() -> bool:
@@ -131,11 +150,12 @@ def _base_eval(run: Path) -> dict[str, Any]:
 
 def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None = None,
                force: bool = False, full: bool = False, resume: bool = False,
-               device_aware: bool = False) -> dict[str, Any]:
+               device_aware: bool | str = False) -> dict[str, Any]:
     """Run every stage; with ``resume`` an interrupted quickstart in ``out`` continues: training
     resumes from its last checkpoint (a finished one is not redone) and the later stages run
-    again. ``device_aware`` adds the device-aware Q4_K_M variant (module docstring)."""
+    again. ``device_aware`` adds the device-aware variants (module docstring)."""
     user_overrides = list(overrides or [])
+    device_targets = device_aware_targets(device_aware)
     from .train import train
 
     overrides = list(overrides or []) + (["resume=true"] if resume else [])
@@ -239,12 +259,14 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
     else:
         parity_reference_em = None
 
-    device_run: dict[str, Any] = {}
-    if device_aware:
+    device_runs: list[dict[str, Any]] = []
+    for target in device_targets:
         t0 = time.perf_counter()
-        device_run = _device_aware_variant(out, recipe, user_overrides, full, resume)
-        exports.append(device_run.pop("row"))
-        timings["device_aware_s"] = time.perf_counter() - t0
+        device_runs.append(_device_aware_variant(out, target, recipe, user_overrides, full,
+                                                 resume))
+        exports.append(device_runs[-1].pop("row"))
+        timings["device_aware_s"] = timings.get("device_aware_s", 0.0) + \
+            time.perf_counter() - t0
 
     # 4. Sample generations through the runtime shims, and each export's decode speed.
     samples = _samples(export_dirs)
@@ -270,7 +292,7 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
                   "adapter": sum(f["size_bytes"] for f in manifest.get("files", {}).values())},
         "exports": exports,
         "parity_passed": parity.get("passed") if parity else None,
-        "device_aware": device_run or None,
+        "device_aware": device_runs or None,
         "samples": samples,
         "not_built": not_built,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -281,17 +303,18 @@ def quickstart(out: Path, recipe: str | None = None, overrides: list[str] | None
     return summary
 
 
-def _device_aware_variant(out: Path, recipe: str | None, overrides: list[str], full: bool,
-                          resume: bool) -> dict[str, Any]:
-    """Train the recipe on the device's own Q4_K_M base, export it unmerged, gate it against
-    that trained model. Returns the export's table row (``row``) and the run's figures."""
+def _device_aware_variant(out: Path, target_name: str, recipe: str | None,
+                          overrides: list[str], full: bool, resume: bool) -> dict[str, Any]:
+    """Train the recipe on the device's own 4-bit base (GGUF Q4_K_M or ONNX int4), export it
+    unmerged, gate it against that trained model. Returns the export's table row (``row``)
+    and the run's figures."""
     from .errors import ParityError
     from .export import export_adapter
     from .parity import run_parity
     from .train import train
 
-    quant, name = DEVICE_AWARE
-    run = out / "device-aware"
+    quant, name, folder, export_quant = DEVICE_AWARE[target_name]
+    run = out / folder
     again = resume and (run / "checkpoints").is_dir()
     cfg = quickstart_config(recipe, [*overrides, f"quant={quant}", "eval_base=false",
                                      f"resume={'true' if again else 'false'}"], full)
@@ -299,12 +322,12 @@ def _device_aware_variant(out: Path, recipe: str | None, overrides: list[str], f
     adapter = train(cfg, run)
     metrics = json.loads((adapter / "manifest.json").read_text()).get("metrics", {})
     figures: dict[str, Any] = {
-        "quant": quant,
+        "quant": quant, "export": name,
         "trained_exact_match": (metrics.get("eval_after") or {}).get("exact_match"),
         "train": {k: metrics.get(k) for k in ("steps", "tokens_per_s", "train_time_s",
                                               "peak_memory_mb")}}
     target = out / "exports" / name
-    row: dict[str, Any] = {"name": name, "target": "gguf", "quant": "q4_k_m",
+    row: dict[str, Any] = {"name": name, "target": target_name, "quant": export_quant,
                            "device_aware": True}
     _say(f"export {name} (the trained base's bytes + the LoRA, unmerged)")
     try:
@@ -424,9 +447,10 @@ def print_table(summary: dict[str, Any]) -> None:
     table.add_row("trained (NF4 + LoRA)", ">= " + _fmt(sizes.get("nf4"), "mb"),
                   _fmt(summary.get("trained_exact_match"), "pct"), "", "reference", "", "",
                   "")
-    device = summary.get("device_aware") or {}
+    runs = {d.get("export"): d for d in summary.get("device_aware") or []}
     for row in summary.get("exports", []):
-        if row.get("device_aware") and device:
+        device = runs.get(row["name"]) if row.get("device_aware") else None
+        if device:
             table.add_row(f"trained ({device['quant']} base + LoRA)", "",
                           _fmt(device.get("trained_exact_match"), "pct"), "",
                           "reference for the row below", "", "", "")

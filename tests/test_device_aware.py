@@ -43,7 +43,8 @@ def test_device_quants_are_the_config_choices():
     from edgeqlora.config import QUANT_CHOICES
     from edgeqlora.device_base import DEVICE_QUANTS
 
-    assert set(DEVICE_QUANTS) == {q for q in QUANT_CHOICES if q.startswith("gguf-")}
+    assert set(DEVICE_QUANTS) == {q for q in QUANT_CHOICES
+                                  if q.startswith(("gguf-", "onnx-"))}
 
 
 @pytest.mark.parametrize("quant", ["gguf-q4_k_m", "gguf-q4_0", "gguf-q4_1", "gguf-q8_0",

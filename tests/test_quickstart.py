@@ -18,16 +18,16 @@ OVERRIDES = ["max_steps=2", "batch_size=4", "eval_examples=3", "max_new_tokens=6
 
 def test_quickstart_layout_summary_device_aware_variant_and_resume(tiny_model_dir, tmp_path,
                                                                    capsys):
-    """One quickstart with ``--device-aware`` (its NF4 run is the plain quickstart's): the
-    layout and summary; the device-aware variant (a second run on the gguf-q4_k_m base,
-    exported unmerged as its base GGUF + the LoRA GGUF, gated against its own trained model)
-    beside the NF4 run's merged exports; then an interrupted run continuing."""
+    """One quickstart with ``--device-aware gguf,onnx`` (its NF4 run is the plain
+    quickstart's): the layout and summary; the device-aware variants (runs on the gguf-q4_k_m
+    and onnx-int4 bases, exported unmerged as the base + the LoRA, each gated against its own
+    trained model) beside the NF4 run's merged exports; then an interrupted run continuing."""
     from edgeqlora.quickstart import DEVICE_AWARE, quickstart
 
     out = tmp_path / "qs"
     overrides = [f"base={tiny_model_dir}", *OVERRIDES]
-    summary = quickstart(out, overrides=overrides, device_aware=True)
-    quant, name = DEVICE_AWARE
+    summary = quickstart(out, overrides=overrides, device_aware="gguf,onnx")
+    quant, name, folder, _ = DEVICE_AWARE["gguf"]
 
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "adapter" / "manifest.json").is_file()
@@ -38,7 +38,7 @@ def test_quickstart_layout_summary_device_aware_variant_and_resume(tiny_model_di
     assert isinstance(data["base_exact_match"], float)
     names = [e["name"] for e in data["exports"]]
     assert names[:3] == ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
-    merged = [e for e in data["exports"] if e["name"] != name]
+    merged = [e for e in data["exports"] if not e["name"].endswith("-device-aware")]
     shipped = [e for e in merged if "error" not in e]
     assert shipped, data["exports"]
     for e in shipped:
@@ -49,7 +49,8 @@ def test_quickstart_layout_summary_device_aware_variant_and_resume(tiny_model_di
         assert e["device_aware"] is False  # the quickstart's NF4 adapter, merged
     assert (out / "parity" / "parity.json").is_file()
     assert data["samples"] and "answer" in data["samples"][0]
-    assert "edgeqlora quickstart" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "edgeqlora quickstart" in printed
 
     row = next(e for e in summary["exports"] if e["name"] == name)
     assert row["device_aware"] is True and "error" not in row, row
@@ -59,11 +60,19 @@ def test_quickstart_layout_summary_device_aware_variant_and_resume(tiny_model_di
     assert manifest["source"]["quant"]["quant"] == quant
     for key in ("exact_match", "kld", "top1", "identical_answers", "decode_tokens_per_s"):
         assert row.get(key) is not None, key
-    device = summary["device_aware"]
-    assert device["quant"] == quant and device["trained_exact_match"] is not None
-    run = json.loads((out / "device-aware" / "adapter" / "manifest.json").read_text())
-    assert run["quant"]["quant"] == quant and "eval_before" not in run["metrics"]
-    assert (out / "device-aware" / "parity" / "parity.json").is_file()
+    devices = summary["device_aware"]
+    assert [d["quant"] for d in devices] == ["gguf-q4_k_m", "onnx-int4"]
+    for target, device in zip(("gguf", "onnx"), devices):
+        quant, name, folder, export_quant = DEVICE_AWARE[target]
+        assert device["quant"] == quant and device["export"] == name
+        assert device["trained_exact_match"] is not None
+        run = json.loads((out / folder / "adapter" / "manifest.json").read_text())
+        assert run["quant"]["quant"] == quant and "eval_before" not in run["metrics"]
+        assert (out / folder / "parity" / "parity.json").is_file()
+        row = next(e for e in summary["exports"] if e["name"] == name)
+        assert row["target"] == target and row["quant"] == export_quant
+        assert row["passed"] and row.get("identical_answers") is not None, row
+    assert "onnx-int4 base" in " ".join(printed.split())
 
     # An interrupted quickstart continues: the finished training is not redone (same adapter
     # weights), the base's score comes back from metrics.jsonl, later stages run again.
@@ -94,6 +103,19 @@ def test_quickstart_resume_needs_a_run(tmp_path):
 
     with pytest.raises(InputError, match="cannot resume"):
         quickstart(tmp_path / "nothing-here", resume=True)
+
+
+def test_device_aware_targets_and_a_bad_one(tmp_path, capsys):
+    from edgeqlora.cli import main
+    from edgeqlora.quickstart import device_aware_targets
+
+    assert device_aware_targets(True) == ("gguf",) and device_aware_targets(None) == ()
+    assert device_aware_targets("onnx") == ("onnx",)
+    assert device_aware_targets(" GGUF,onnx,gguf") == ("gguf", "onnx")
+    assert main(["quickstart", "--device-aware", "tflite", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the targets are gguf, onnx" in err, err
+    assert not (tmp_path / "q").exists()
 
 
 def test_cpu_sizing_yields_to_overrides():

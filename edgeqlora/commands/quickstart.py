@@ -18,10 +18,12 @@ def add_arguments(p) -> None:
                    help="the full-size run even on CPU (default: sized to the machine)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted quickstart in --out from its last checkpoint")
-    p.add_argument("--device-aware", action="store_true",
-                   help="also train on the exact Q4_K_M base the device runs and ship that "
-                        "base + the LoRA unmerged, beside the merged re-quantized exports "
-                        "(a second training run)")
+    p.add_argument("--device-aware", nargs="?", const="gguf", default=None,
+                   metavar="TARGETS",
+                   help="also train on the exact 4-bit base the device runs and ship that "
+                        "base + the LoRA unmerged, beside the merged re-quantized exports: "
+                        "gguf (Q4_K_M, the default), onnx (int4) or gguf,onnx (another "
+                        "training run each)")
 
 
 def run(args) -> int:

@@ -197,10 +197,15 @@ def quantize(model, recipe: dict[str, Any], options: dict[str, Any],
         store_fp16(model, embedding_gathers(model), 0)  # untied: no 8-bit table to share
     elif recipe["embedding"] == "int4":
         # GatherBlockQuantized: the table in 4-bit blocks along the hidden dimension.
+        import numpy as np
+
         q = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
             bits=4, op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),),
             **common))
-        q.process()
+        # An all-zero row (a padding token's) has scale 0: the quantizer divides by it, then
+        # np.where keeps 0 for it; numpy's warning about the discarded NaN is noise.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q.process()
         model = q.model.model
     elif recipe["embedding"] == "fp16":
         store_fp16(model, embedding_gathers(model), 0)

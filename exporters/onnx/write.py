@@ -69,34 +69,19 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
     elif recipe["algorithm"] == "hqq":
         # HQQ optimises a zero point per block: asymmetric whatever ``symmetric`` says.
         info["recipe"]["symmetric"] = False
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".onnx-fp32-", dir=out_dir.parent) as scratch:
-        raw = Path(scratch) / "fp32.onnx"
-        step("exporting the model to ONNX (torch.onnx)", progress)
-        try:
-            dims = export_fp32(model_dir, raw)
-        except InputError:
-            raise
-        except Exception as exc:  # torch's exporter raises many types; name the step
-            raise ExportError(f"torch.onnx.export failed on {model_dir} ({type(exc).__name__}: "
-                              f"{exc})") from None
-        info["export_seconds"] = round(time.perf_counter() - t0, 2)
-        import onnx
-
-        model = onnx.load(str(raw))
-        n_linear = len(weight_matmuls(model))
-        step(f"quantizing ({quant})", progress)
-        t1 = time.perf_counter()
-        from .quantize import expected_ops, quantize
-
-        model = quantize(model, recipe, opts, sequences, progress)
+        model, dims, n_linear, seconds = quantized_graph(model_dir, Path(scratch), quant, opts,
+                                                         sequences, progress)
+        info.update(seconds)
         params = None
         if lora is not None:
             from .lora import add_lora_inputs
 
             # After quantization: the quantizer turns initializer-backed inputs into constants.
+            t1 = time.perf_counter()
             params = add_lora_inputs(model, lora)
-        info["quantize_seconds"] = round(time.perf_counter() - t1, 2)
+            info["quantize_seconds"] = round(info["quantize_seconds"]
+                                             + time.perf_counter() - t1, 2)
         save(model, out_dir)
     if params is not None:
         from .lora import ADAPTER_FILE, write_adapter
@@ -107,6 +92,8 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
         info["adapter_file"] = ADAPTER_FILE
         info["adapter"] = write_adapter(params, out_dir / ADAPTER_FILE)
     info["ops"] = op_counts(model)
+    from .quantize import expected_ops
+
     info["expected_ops"] = expected_ops(recipe, n_linear)
     info["matmulnbits"] = info["ops"].get("MatMulNBits", 0)
     info["embedding_shared_with_head"] = any(re.search(r"_Q\d+_shared$", n.name)
@@ -122,3 +109,34 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
     if not recipes.has_genai():
         log.warning(recipes.GENAI_MISSING)
     return info
+
+
+def quantized_graph(model_dir: Path, scratch: Path, quant: str, opts: dict[str, Any],
+                    sequences: list[list[int]] | None = None, progress: bool = False
+                    ) -> tuple[Any, dict[str, Any], int, dict[str, float]]:
+    """Trace ``model_dir`` into an fp32 graph (in ``scratch``) and apply ``quant``'s recipe:
+    ``(onnx.ModelProto, dims, number of weight MatMuls, {export_seconds, quantize_seconds})``.
+    The one path from a checkpoint to quantized weights: every export takes it, and so does the
+    trainer's ``onnx-int4`` device base (``device.tensor_bytes``)."""
+    t0 = time.perf_counter()
+    raw = scratch / "fp32.onnx"
+    step("exporting the model to ONNX (torch.onnx)", progress)
+    try:
+        dims = export_fp32(model_dir, raw)
+    except InputError:
+        raise
+    except Exception as exc:  # torch's exporter raises many types; name the step
+        raise ExportError(f"torch.onnx.export failed on {model_dir} ({type(exc).__name__}: "
+                          f"{exc})") from None
+    seconds = {"export_seconds": round(time.perf_counter() - t0, 2)}
+    import onnx
+
+    model = onnx.load(str(raw))
+    n_linear = len(weight_matmuls(model))
+    step(f"quantizing ({quant})", progress)
+    t1 = time.perf_counter()
+    from .quantize import quantize
+
+    model = quantize(model, RECIPES[quant], opts, sequences, progress)
+    seconds["quantize_seconds"] = round(time.perf_counter() - t1, 2)
+    return model, dims, n_linear, seconds
