@@ -199,11 +199,49 @@ def _onnx_facts(export_dir: Path, manifest: dict[str, Any]) -> ModelFacts:
         raise DeviceError(f"{export_dir} has no config.json; the fit check needs the model's "
                           "architecture (layers, heads) for an ONNX export")
     cfg = read_json(config_path, DeviceError)
+    _check_onnx_model(export_dir / ((manifest.get("exporter") or {}).get("model_file")
+                                    or "model.onnx"))
     files = manifest.get("files") or {}
     size = sum(int(m.get("size_bytes", 0)) for n, m in files.items()
                if n.endswith((".onnx", ".onnx.data", ".data")))
     return ModelFacts(path=str(export_dir), target="onnx", quant=manifest.get("quant"),
                       file_bytes=size, **_config_numbers(cfg, config_path))
+
+
+def _check_onnx_model(model: Path) -> None:
+    """``model`` must be an ONNX graph whose external tensors lie inside their data files (a
+    size check alone passes random bytes of the right length). With the onnx package: the
+    graph is parsed without its weights and every external tensor's offset + length checked
+    against its file; without it (a device with only onnxruntime), the protobuf's first field
+    must be ModelProto's ir_version."""
+    if not model.is_file():
+        raise DeviceError(f"{model} listed in the manifest is missing")
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    except ImportError:
+        with open(model, "rb") as f:
+            head = f.read(2)
+        if len(head) < 2 or head[0] != 0x08 or not 1 <= head[1] <= 0x7F:
+            raise DeviceError(f"{model} is not an ONNX model (it does not start as a "
+                              "ModelProto does)") from None
+        return
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception as exc:  # protobuf raises DecodeError and others on garbage
+        raise DeviceError(f"{model} is not an ONNX model ({type(exc).__name__}: "
+                          f"{str(exc)[:80]})") from None
+    if not graph.node:
+        raise DeviceError(f"{model} is not an ONNX model (its graph has no nodes)")
+    for t in graph.initializer:
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        data = model.parent / info.location
+        if not data.is_file() or int(info.offset or 0) + int(info.length or 0) > \
+                data.stat().st_size:
+            raise DeviceError(f"{model}: tensor {t.name} lies beyond its data file "
+                              f"{info.location} (truncated or not this model's)")
 
 
 def _config_numbers(cfg: dict[str, Any], source: str | Path) -> dict[str, Any]:
@@ -229,8 +267,8 @@ def _config_numbers(cfg: dict[str, Any], source: str | Path) -> dict[str, Any]:
 
 def model_facts(path: str | Path, allow_failed: bool = False) -> ModelFacts:
     """Facts of an export directory (``manifest.json``) or a bare ``.gguf`` file. An export
-    whose files do not match the sizes its manifest records (truncated, replaced, missing) or
-    whose verification or gate failed (unless ``allow_failed``) is a DeviceError."""
+    whose files do not match the sizes and sha256s its manifest records (truncated, replaced,
+    missing) or whose verification or gate failed (unless ``allow_failed``) is a DeviceError."""
     from edgeqlora.artifacts import check_usable_export, read_manifest
     from edgeqlora.runtimes import check_export_files, model_files
 
@@ -246,7 +284,7 @@ def model_facts(path: str | Path, allow_failed: bool = False) -> ModelFacts:
     try:
         manifest = read_manifest(p, kind="export")
         check_usable_export(p, manifest, allow_failed, "fit")
-        check_export_files(p, manifest, verify=False)
+        check_export_files(p, manifest, verify=True)
     except EdgeQloraError as exc:
         raise DeviceError(str(exc)) from None
     target = manifest.get("target")

@@ -28,6 +28,7 @@ A file that does not validate raises ``DeviceError`` naming the file and every b
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -128,8 +129,8 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
 
     def positive(table: str, key: str, kinds: tuple[type, ...], what: str) -> Any:
         value = get(table, key, kinds, what)
-        if value is not None and not value > 0:
-            problems.append(f"{table}.{key} = {value!r} must be > 0")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            problems.append(f"{table}.{key} = {value!r} must be a finite number > 0")
             return None
         return value
 

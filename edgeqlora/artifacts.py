@@ -124,12 +124,25 @@ def export_failures(manifest: dict[str, Any]) -> list[str]:
     if isinstance(check, dict) and check.get("passed") is not True:
         why = "; ".join(str(p) for p in check.get("problems") or [])
         problems.append("its verification failed" + (f" ({why})" if why else ""))
+    elif isinstance(check, dict):
+        # "passed" beside a metric that is not a finite number (a NaN is written "NaN"): the
+        # manifest contradicts itself, so it fails closed.
+        bad = [k for k in ("top1", "kld") if k in check and not _finite_number(check[k])]
+        if bad:
+            records = ", ".join(f"{k} {check[k]!r}" for k in bad)
+            problems.append(f"its verification records {records} (not a finite number) "
+                            "beside passed: true")
     gate = manifest.get("parity")
     if isinstance(gate, dict) and gate.get("passed") is not True:
         problems.append("its parity gate failed"
                         + (f" ({', '.join(map(str, gate.get('failures') or []))})"
                            if gate.get("failures") else ""))
     return problems
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def check_usable_export(directory: str | Path, manifest: dict[str, Any],

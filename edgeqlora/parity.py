@@ -345,7 +345,7 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
     whose manifest records a failed verification or gate is refused unless ``allow_failed``.
     """
     from . import runtimes
-    from .artifacts import atomic_dir, prepare_output, read_manifest, versions
+    from .artifacts import atomic_dir, json_safe, prepare_output, read_manifest, versions
     from .config import Config, ParityConfig
     from .parity_report import markdown, plot
 
@@ -397,7 +397,9 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
     report["versions"] = versions("edgeqlora", "torch", "transformers", "peft", "bitsandbytes",
                                   "llama_cpp_python", "numpy")
     with atomic_dir(out, force=force, what="parity report") as tmp:
-        (tmp / "parity.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        # strict JSON: a NaN metric is the string "NaN" (as in manifests), never a bare NaN
+        (tmp / "parity.json").write_text(json.dumps(json_safe(json.loads(json.dumps(
+            report, default=float))), indent=2, allow_nan=False) + "\n")
         (tmp / "parity.md").write_text(markdown(report))
         try:
             plot(report, tmp / "parity.png")

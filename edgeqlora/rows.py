@@ -224,6 +224,12 @@ def _raw_rows_jsonl(path: Path, skips: _Skips) -> Iterator[tuple[str, Any]]:
         except (json.JSONDecodeError, RecursionError) as exc:
             raise DataError(f"{path} is not valid JSON ({exc})") from None
         for i, obj in enumerate(data):
+            size = len(json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+            if size > MAX_LINE_BYTES:  # the JSON Lines cap, before any tokenization
+                skips.add("line_too_long", f"{path} row {i}",
+                          f"{size} bytes (the limit is {MAX_LINE_BYTES}; longer than any "
+                          "training row)")
+                continue
             yield f"{path} row {i}", obj
         return
     # Streamed line by line: memory is one line, never the whole file.

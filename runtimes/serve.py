@@ -41,8 +41,8 @@ from edgeqlora.errors import EdgeQloraError, InputError, require
 from .base import Cancel, Completion, Runtime, check_sampling
 from .serve_guard import (DEFAULT_MAX_QUEUE, LOOPBACK_NAMES, Admission,  # noqa: F401
                           GenerationTimeout, Metrics, RequestError, _parse_body, _text_content,
-                          check_api_key, default_allowed_hosts, host_allowed, response_schema,
-                          within_budget)
+                          check_api_key, default_allowed_hosts, header_deadline_protocol,
+                          host_allowed, response_schema, within_budget)
 from .webchat import PAGE, web_app_routes
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,8 @@ def create_app(runtime: Runtime, model_id: str | None = None,
         raise InputError(f"max_body_bytes={max_body_bytes} is too small (>= 1024)")
     if max_tokens_limit < 1:
         raise InputError(f"max_tokens_limit={max_tokens_limit} must be >= 1")
-    if request_timeout_s is not None and not request_timeout_s > 0:
-        raise InputError(f"request timeout {request_timeout_s!r} s must be a positive number")
+    if request_timeout_s is not None and not 0 < request_timeout_s < float("inf"):
+        raise InputError(f"request timeout {request_timeout_s!r} s must be a finite number > 0")
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
         raise InputError(f"max_queue={max_queue!r} must be a positive integer")
     if api_key is not None and not api_key.strip():
@@ -492,7 +492,7 @@ def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 8080,
                          "(another server there? pick --port)") from None
     if on_ready is not None:
         on_ready()
-    # timeout_keep_alive: an idle kept-alive connection is closed after 5 s (uvicorn's default,
-    # stated); a stalled body is BODY_TIMEOUT_S.
+    # An idle kept-alive connection is closed after 5 s, stalled headers after HEADER_TIMEOUT_S,
+    # a stalled body after BODY_TIMEOUT_S.
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_keep_alive=5)
+                timeout_keep_alive=5, http=header_deadline_protocol())

@@ -214,3 +214,36 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")
     return data
+
+
+HEADER_TIMEOUT_S = 10.0  # to receive a request's headers, from connecting or the last answer
+
+
+def header_deadline_protocol():
+    """uvicorn's h11 protocol with a deadline on each request's headers: a connection that has
+    not sent a whole header block ``HEADER_TIMEOUT_S`` after it opened (or after its last
+    answer) is closed. uvicorn times out only an idle kept-alive connection, and any byte
+    cancels that timer, so 50 clients sending half a header each held 50 connections for good
+    (slowloris). A request being answered, however long, is never cut."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def _arm_header_deadline(self) -> None:
+            waiting = self.cycle  # a new request replaces it once its headers are in
+
+            def late() -> None:
+                idle = self.cycle is None or self.cycle.response_complete
+                if self.cycle is waiting and idle and not self.transport.is_closing():
+                    self.transport.close()
+
+            self.loop.call_later(HEADER_TIMEOUT_S, late)
+
+    return HeaderDeadline

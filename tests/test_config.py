@@ -51,6 +51,10 @@ def test_recipe_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: [1, 2\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(binary)
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
     listy = tmp_path / "list.yaml"

@@ -101,7 +101,10 @@ def test_user_profile_by_path(tmp_path):
 @pytest.mark.parametrize("edit, field", [
     (lambda s: s.replace("usable_mb = 1500\n", ""), "memory.usable_mb is missing"),
     (lambda s: s.replace("cores = 4", 'cores = "four"'), "cpu.cores"),
-    (lambda s: s.replace("cores = 4", "cores = 0"), "cpu.cores = 0 must be > 0"),
+    (lambda s: s.replace("cores = 4", "cores = 0"),
+     "cpu.cores = 0 must be a finite number > 0"),
+    (lambda s: s.replace("bandwidth_gbs = 8.5", "bandwidth_gbs = inf"),
+     "memory.bandwidth_gbs = inf must be a finite number > 0"),
     (lambda s: s.replace("usable_mb = 1500", "usable_mb = 4096"), "more than memory.total_mb"),
     (lambda s: s.replace('"dotprod"', '"warp-drive"'), "cpu.features"),
     (lambda s: s.replace('available = ["gguf"]', 'available = ["tflite"]'),
@@ -207,11 +210,18 @@ def test_model_facts_from_an_onnx_export(tmp_path):
            "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
            "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True}
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "model.onnx").write_bytes(b"\0" * 1000)
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(d / "model.onnx"))
     (d / "model.onnx.data").write_bytes(b"\0" * 5000)
     write_manifest(d, "export", {"target": "onnx", "quant": "int4"})
     facts = F.model_facts(d)
-    assert (facts.target, facts.quant, facts.file_bytes) == ("onnx", "int4", 6000)
+    size = (d / "model.onnx").stat().st_size + 5000
+    assert (facts.target, facts.quant, facts.file_bytes) == ("onnx", "int4", size)
     assert facts.kv_values_per_token == 30 * 3 * 2 * 64
     assert 130e6 < facts.n_params < 140e6  # the architecture's parameter count
     r = F.fit(facts, load_profile("pi5"), 1024)

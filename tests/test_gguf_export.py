@@ -465,10 +465,15 @@ def test_existing_output_needs_force(f16_export, tiny, capsys):
     assert (f16_export / "manifest.json").read_text() == before
 
 
-def test_disk_full_mid_write_keeps_previous_export(f16_export, tiny, monkeypatch, capsys):
+@pytest.mark.parametrize("short_write", [False, True])
+def test_disk_full_mid_write_keeps_previous_export(f16_export, tiny, monkeypatch, capsys,
+                                                    short_write):
+    """ENOSPC, or numpy's errno-less short write ("117504 requested and 113024 written") on a
+    disk that is then full: both "disk full", exit 2, the previous export untouched."""
     import gguf
 
     from edgeqlora.cli import main
+    from edgeqlora.exporters.gguf import common
 
     before = {p.name: p.read_bytes() for p in f16_export.iterdir()}
     real = gguf.GGUFWriter.write_tensor_data
@@ -477,10 +482,14 @@ def test_disk_full_mid_write_keeps_previous_export(f16_export, tiny, monkeypatch
     def full(self, tensor, *a, **k):
         calls["n"] += 1
         if calls["n"] == 6:
+            if short_write:
+                raise OSError("117504 requested and 113024 written")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, tensor, *a, **k)
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    if short_write:
+        monkeypatch.setattr(common, "disk_full", lambda path: True)
     rc = main(["export", str(tiny["adapter"]), "export.eval_tokens=32", "--out", str(f16_export),
                "--quant", "q8_0", "--merge-base", "original", "--force", "--no-parity"])
     err = capsys.readouterr().err.strip()

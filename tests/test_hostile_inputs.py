@@ -178,6 +178,18 @@ def test_export_nan_adapter_fails_closed_and_its_kept_manifest_is_json(tiny, tmp
     _one_line(capsys)
     check = _strict_json(out / "manifest.json")["verification"]
     assert check["passed"] is False and check["kld"] in ("NaN", "Infinity")
+    # A manifest forged to say "passed" beside its NaN metric still fails closed.
+    from edgeqlora.artifacts import write_manifest
+
+    manifest = _strict_json(out / "manifest.json")
+    manifest["verification"].update(passed=True, problems=[])
+    manifest["parity"] = None
+    write_manifest(out, "export", {k: v for k, v in manifest.items()
+                                   if k not in ("format_version", "kind", "created", "files")})
+    for argv in (["devices", "fit", str(out), "--device", "pi5"],
+                 ["run", str(out), "--prompt", "hi", "--max-new-tokens", "2"]):
+        assert main(argv) == 2, argv
+        assert "not a finite number" in _one_line(capsys)
 
 
 @pytest.mark.parametrize("config, word", [
@@ -519,6 +531,45 @@ def test_serve_stalled_body_times_out(monkeypatch):
     assert status == 408
 
 
+def test_serve_stalled_headers_are_closed_and_answers_are_not(monkeypatch):
+    """Half a header block (slowloris) is closed after HEADER_TIMEOUT_S; a whole request on
+    the same server is answered, and its kept-alive connection is not cut by the deadline."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    import edgeqlora.runtimes.serve as S
+    import edgeqlora.runtimes.serve_guard as G
+
+    monkeypatch.setattr(G, "HEADER_TIMEOUT_S", 0.5)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(S.create_app(_SlowRuntime(), "m"), host="127.0.0.1",
+                                           port=port, log_level="error",
+                                           http=G.header_deadline_protocol()))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stalled.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        t0 = time.monotonic()
+        assert stalled.recv(100) == b""  # closed by the server
+        assert time.monotonic() - t0 < 3
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as ok:
+            ok.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert ok.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_serve_client_that_disconnects_stops_a_non_streaming_generation():
     import asyncio
 
@@ -627,6 +678,22 @@ def test_huge_and_deeply_nested_dataset_lines_are_skipped_in_bounded_memory(tmp_
     assert peak < 80 << 20, f"peak {peak / 2**20:.0f} MiB for a 20 MiB line"
 
 
+def test_a_huge_row_of_a_json_array_is_skipped_before_tokenizing(tmp_path):
+    """A ``.json`` array is read whole (it is one document), but a row over the JSON Lines cap
+    is skipped and reported before it reaches the tokenizer (20 MB of text was 2 GB there)."""
+    from edgeqlora.data import load_dataset
+
+    good = {"messages": [{"role": "user", "content": "turn on the light"},
+                         {"role": "assistant", "content": "ok"}]}
+    huge = {"messages": [{"role": "user", "content": "a" * (20 << 20)},
+                         {"role": "assistant", "content": "b"}]}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([good, huge, good]))
+    data = load_dataset(str(path))
+    assert len(data.rows) == 2 and data.skipped.get("line_too_long") == 1
+    assert "row 1" in data.skip_examples["line_too_long"]
+
+
 # stray output
 
 
@@ -728,6 +795,6 @@ def test_serve_refuses_a_nonpositive_request_timeout():
     from edgeqlora.errors import InputError
     from edgeqlora.runtimes.serve import create_app
 
-    for bad in (0, -1, float("nan")):
+    for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(InputError, match="request timeout"):
             create_app(_SlowRuntime(), "m", request_timeout_s=bad)

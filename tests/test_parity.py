@@ -250,6 +250,20 @@ def test_run_parity_writes_reports_and_gates(tmp_path, fake_adapter, candidate_r
     assert json.loads((bad / "parity.json").read_text())["passed"] is False
     assert "FAIL" in (bad / "parity.md").read_text()
 
+    # NaN logits fail the gate, and the report stays strict JSON ("NaN" strings, no bare NaN).
+    nan = tmp_path / "nan"
+    with pytest.raises(ParityError):
+        P.run_parity(fake_adapter, [candidate_gguf], nan, ParityConfig(),
+                     reference_model=RuntimeReference(candidate_runtime, noise=float("nan")),
+                     **kw)
+
+    def refuse(token):
+        raise ValueError(f"bare {token} in parity.json")
+
+    saved = json.loads((nan / "parity.json").read_text(), parse_constant=refuse)
+    assert saved["passed"] is False
+    assert saved["candidates"][name]["all"]["mean_kld"] == "NaN"
+
     with pytest.raises(InputError, match="already exists"):
         P.run_parity(fake_adapter, [candidate_gguf], out, ParityConfig(),
                      reference_model=RuntimeReference(candidate_runtime), **kw)

@@ -59,7 +59,9 @@ def progress(items, what: str, enabled: bool):
 
 
 def write_error(path: Path, exc: OSError) -> ExportError:
-    if exc.errno == errno.ENOSPC:
+    # numpy's tofile reports a short write as a bare OSError ("117504 requested and 113024
+    # written") with no errno: on a full disk that is the disk being full.
+    if exc.errno == errno.ENOSPC or (exc.errno is None and disk_full(Path(path))):
         return DiskFullError(f"disk full while writing {path}; free space on that disk and run "
                            "the export again (nothing was kept)")
     return ExportError(f"cannot write {path}: {exc.strerror or exc}")
