@@ -287,18 +287,20 @@ def check_written(model_file: Path, recorded: dict[str, Any]) -> int:
     return len(recorded["tensors"])
 
 
-# MatMulNBits' accuracy level for a device-aware ONNX export: 0 computes in float32 from the
-# trained bytes, so onnxruntime runs the trained model itself (measured on the quickstart: KLD
-# 4e-11, top-1 100 %, 50/50 identical answers); 4, the merged exports' level, rounds the
-# activations to 8 bits (KLD 0.002-0.0035, top-1 95-98 %, 48/50) and decodes faster.
-DEVICE_ACCURACY_LEVEL = 0
+# MatMulNBits' accuracy level of a device-aware ONNX export, by base. int4: 0 computes in float32
+# from the trained bytes, so onnxruntime runs the trained model itself (the quickstart, 50 parity
+# commands: KLD 4e-11, top-1 100 %, 50/50 identical answers; 13.1 decode tokens/s on one thread
+# against 22.3 at level 4, whose 8-bit activations read KLD 0.002-0.0035, top-1 95-98 %, 48/50:
+# bench/results/decode_speed_onnx_device.json). int4-q8head: 4, because its 8-bit head has no
+# fast float32 kernel (2.3 tokens/s at level 0). ``--accuracy-level`` chooses either way.
+DEVICE_ACCURACY_LEVEL = {"int4": 0, "int4-q8head": 4}
 
 
 def export_options(recorded: dict[str, Any], options: dict[str, Any],
                    given: dict[str, Any]) -> dict[str, Any]:
     """An ONNX device base's byte options (block size, symmetry) as trained, refusing a
     different one asked for (``given``: what the caller set) in one line; its accuracy level
-    ``DEVICE_ACCURACY_LEVEL`` unless the caller set one."""
+    from ``DEVICE_ACCURACY_LEVEL`` unless the caller set one."""
     trained = recorded.get("options") or {}
     for key, value in trained.items():
         if key in given and given[key] is not None and given[key] != value:
@@ -307,7 +309,7 @@ def export_options(recorded: dict[str, Any], options: dict[str, Any],
                               f"(drop the option, or --merge to re-quantize)")
     options = {**options, **trained}
     if _target(recorded) == "onnx" and given.get("accuracy_level") is None:
-        options["accuracy_level"] = DEVICE_ACCURACY_LEVEL
+        options["accuracy_level"] = DEVICE_ACCURACY_LEVEL.get(recorded.get("quant"), 4)
     return options
 
 

@@ -39,11 +39,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 # checkpoint (nf4.py): write_export takes the LoRA deltas and the 4-bit config for them.
 FROM_ADAPTER_QUANTS = ("nf4-exact",)
 QUANTS = tuple(RECIPES) + FROM_ADAPTER_QUANTS
-# By the numbers (bench/onnx.py --task-table, bench/results/onnx_task.json: the quickstart adapter
-# on SmolLM2-135M, 40 held-out task examples, the trained model's exact match 0.75; KLD vs the
-# merged fp32 model): int4 (RTN) 82 MiB, KLD 0.41, exact match 0.075; int4-q8head 95 MiB, 0.31,
-# 0.225; int4-kquant-last 152 MiB, 0.35, 0.40; int4-gptq 82 MiB, 0.14, 0.675 (90 % of the
-# trained model's); int4-gptq-q8head 95 MiB, 0.078, 0.625; int8 200 MiB, 0.004. GPTQ on the
+# By the numbers (bench/onnx_variants.py --task-table, bench/results/onnx_task.json: the
+# quickstart adapter on SmolLM2-135M, 40 held-out task examples, the trained model's exact match
+# 0.75; KLD vs the merged fp32 model): int4 (RTN) 82 MiB, KLD 0.41, exact match 0.075; int4-q8head
+# 95 MiB, 0.31, 0.225; int4-kquant-last 152 MiB, 0.35, 0.40; int4-gptq 82 MiB, 0.14, 0.675 (90 %
+# of the trained model's); int4-gptq-q8head 95 MiB, 0.078, 0.625; int8 200 MiB, 0.004. GPTQ on the
 # fine-tuning data is the only 4-bit recipe that keeps the task, at the smallest size.
 DEFAULT_QUANT = "int4-gptq"
 # ``base_quant`` (the adapter's 4-bit config) and ``quantized`` (the weight names the trained

@@ -9,8 +9,8 @@ peak RSS of that process. With ``--adapter`` the source is a trained adapter (me
 export stage) and the task exact match of each variant is measured on the embedded task's
 held-out set beside the trained model's.
 
-    .venv/bin/python bench/onnx.py                      # embedded base, int4 int4-kquant-last int8
-    .venv/bin/python bench/onnx.py --adapter runs/quickstart/adapter --variants int4 int8
+    .venv/bin/python bench/onnx_variants.py                      # embedded base, int4 int4-kquant-last int8
+    .venv/bin/python bench/onnx_variants.py --adapter runs/quickstart/adapter --variants int4 int8
 
 Prints a table and writes ``bench/results/onnx.json``.
 
@@ -22,7 +22,7 @@ one reference) gives exact match, identical answers, KLD and top-1 vs the traine
 size on disk and the export's KLD vs the merged fp32 model. Writes
 ``bench/results/onnx_task.json``:
 
-    .venv/bin/python bench/onnx.py --task-table --adapter runs/quickstart/adapter \
+    .venv/bin/python bench/onnx_variants.py --task-table --adapter runs/quickstart/adapter \
         --exports-dir runs/onnx-task --merge-base dequantized
 
 On a busy CPU the torch reference (NF4 greedy decoding) is the slow part: ``--reference-em X``
