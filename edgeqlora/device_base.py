@@ -225,6 +225,13 @@ def check_recorded(record: dict[str, Any], recorded: dict[str, Any] | None, wher
                         "trained on; train it again with this version")
 
 
+def trained_target(quant_record: dict[str, Any], merge: bool = False) -> str:
+    """The target an adapter exports to by default: the one a device-aware adapter was trained
+    for (unless it is merged), gguf otherwise."""
+    trained_for = None if merge else device_target(quant_record)
+    return trained_for[0] if trained_for else "gguf"
+
+
 def export_quant(quant_record: dict[str, Any], adapter_dir, target: str,
                  quant: str | None) -> str | None:
     """The quant an export of a device-aware adapter writes (the one it was trained on), or
@@ -296,11 +303,13 @@ def check_written(model_file: Path, recorded: dict[str, Any]) -> int:
 DEVICE_ACCURACY_LEVEL = {"int4": 0, "int4-q8head": 4}
 
 
-def export_options(recorded: dict[str, Any], options: dict[str, Any],
+def export_options(quant_record: dict[str, Any], options: dict[str, Any],
                    given: dict[str, Any]) -> dict[str, Any]:
-    """An ONNX device base's byte options (block size, symmetry) as trained, refusing a
-    different one asked for (``given``: what the caller set) in one line; its accuracy level
-    from ``DEVICE_ACCURACY_LEVEL`` unless the caller set one."""
+    """An ONNX device base's byte options (block size, symmetry) as trained (``quant_record``:
+    the adapter manifest's ``quant``), refusing a different one asked for (``given``: what the
+    caller set) in one line; its accuracy level from ``DEVICE_ACCURACY_LEVEL`` unless the
+    caller set one."""
+    recorded = quant_record.get("device") or {}
     trained = recorded.get("options") or {}
     for key, value in trained.items():
         if key in given and given[key] is not None and given[key] != value:

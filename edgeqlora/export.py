@@ -149,9 +149,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str | N
     if keep_failed and device is not None:
         raise ConfigError("--keep-failed keeps a failed export for inspection; with --device "
                           "only a quant that fits and passes is ever kept: drop one of them")
-    if target is None:
-        trained_for = None if merge else DB.device_target(adapter_quant_record(adapter_dir))
-        target = trained_for[0] if trained_for else "gguf"
+    target = target or DB.trained_target(adapter_quant_record(adapter_dir), merge)
     exporter = get_exporter(target)
     trained_quant = DB.export_quant(adapter_quant_record(adapter_dir), adapter_dir, target, quant) \
         if not merge else None
@@ -176,8 +174,7 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str | N
         raise AssertionError("device candidates never include quants made from the adapter")
     given, options = options, exporter.check_options(options)
     if trained_quant is not None:  # the options that made the trained bytes (ONNX block size)
-        options = DB.export_options(adapter_quant_record(adapter_dir).get("device") or {},
-                                    options, given)
+        options = DB.export_options(adapter_quant_record(adapter_dir), options, given)
     out_dir = Path(out_dir)
     _prepare(out_dir, force)
     adapter = M.read_adapter(adapter_dir)
@@ -421,8 +418,7 @@ class _Gate:
             metrics = report.get("candidates", {}).get(name)
             runtime = (metrics or {}).get("runtime") or {}
             for key in ("path", "lora"):  # the scratch copy it was gated in: name the file
-                if runtime.get(key):
-                    runtime[key] = Path(runtime[key]).name
+                runtime[key] = runtime.get(key) and Path(runtime[key]).name
             entry = {"passed": report.get("passed"), "thresholds": report.get("thresholds"),
                      "failures": report.get("failures", {}).get(name), "metrics": metrics,
                      "reference": report.get("reference")}

@@ -239,3 +239,89 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+def packed_layers_match_dense(base: Path, quant: str) -> list:
+    """Load the device base ``quant`` of ``base`` dense (fp32) and packed (``GGMLLinear``) on
+    CPU, put the same non-zero LoRA on both, and assert bit-identical logits and LoRA
+    gradients. Returns the packed model's ``GGMLLinear`` layers for the caller's checks."""
+    import torch
+
+    from edgeqlora import device_base, qlora
+    from edgeqlora.config import LoraConfig
+    from edgeqlora.ggml_torch import GGMLLinear
+
+    models = []
+    for packed in (False, True):
+        model = device_base.load_device_base(base, quant, "float32", "cpu", qlora.load_base,
+                                             packed=packed)
+        torch.manual_seed(0)
+        models.append(qlora.attach_lora(model, LoraConfig(r=4, dropout=0.0)))
+    dense, packed = models
+    with torch.no_grad():  # the same non-zero LoRA in both
+        theirs = dict(packed.named_parameters())
+        for name, p in dense.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+                theirs[name].copy_(p)
+    ids = torch.tensor([[1, 500, 600, 700, 42, 9, 12000, 3]])
+    out = [m(ids).logits for m in models]
+    assert torch.equal(out[0], out[1])
+    for m, o in zip(models, out):
+        o.float().pow(2).mean().backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+    return [m for m in packed.modules() if isinstance(m, GGMLLinear)]
+
+
+def cuda_packed_matches_cpu(base: Path, quant: str) -> None:
+    """On a GPU the device base ``quant``'s linear layers hold their packed bytes (the point
+    of a 4-bit base), and the model computes what the CPU's dense fp32 device base computes.
+    Skips without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from edgeqlora import device_base, qlora
+    from edgeqlora.ggml_torch import GGMLLinear
+
+    gpu = device_base.load_device_base(base, quant, "float32", "cuda", qlora.load_base)
+    cpu = device_base.load_device_base(base, quant, "float32", "cpu", qlora.load_base)
+    layers = [m for m in gpu.modules() if isinstance(m, GGMLLinear)]
+    assert len(layers) == 14 and all(m.qweight.is_cuda for m in layers)
+    ids = torch.tensor([[1, 500, 600, 700, 42, 9, 12000, 3]])
+    with torch.no_grad():
+        a, b = gpu(ids.cuda()).logits.cpu(), cpu(ids).logits
+    # CUDA's fp32 matmuls sum in another order than the CPU's: measured differences are ~1e-6.
+    assert (a - b).abs().max().item() < 1e-3
+
+
+def refused_export(adapter: Path, tmp_path: Path, capsys, args=(), changed_tensor=None) -> str:
+    """``edgeqlora export ADAPTER --no-parity *args`` must exit 2 with one line and write
+    nothing (no ``x``, no hidden sibling); returns the line. ``changed_tensor``: first record
+    another sha256 for that tensor in a copy of the adapter's device-base manifest, as if the
+    base or the quantizer had changed since training."""
+    import json
+    import shutil
+
+    from edgeqlora.artifacts import write_manifest
+    from edgeqlora.cli import main
+
+    if changed_tensor is not None:
+        ad = tmp_path / "ad"
+        shutil.copytree(adapter, ad)
+        manifest = json.loads((ad / "manifest.json").read_text())
+        manifest["quant"]["device"]["tensors"][changed_tensor]["sha256"] = "0" * 64
+        write_manifest(ad, "adapter", {k: v for k, v in manifest.items()
+                                       if k not in ("format_version", "kind", "created",
+                                                    "files")})
+        adapter = ad
+    capsys.readouterr()
+    rc = main(["export", str(adapter), "--out", str(tmp_path / "x"), "--no-parity", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x")]
+    return err
