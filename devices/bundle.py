@@ -99,11 +99,12 @@ def _export_source(export: Path) -> tuple[Path, dict[str, Any] | None]:
 
 def create_bundle(export: str | Path, device: str | Path, out: str | Path,
                   context: int = 2048, force: bool = False,
-                  allow_failed: bool = False) -> dict[str, Any]:
+                  allow_failed: bool = False, ignore_fit: bool = False) -> dict[str, Any]:
     """Write ``out`` (a .tar.gz) carrying ``export`` for ``device``; returns its manifest.
 
     The export must match its own manifest and fit the device at ``context`` ("fits" or
-    "tight"); ``force`` bundles one that does not fit and replaces an existing ``out``. An
+    "tight"); ``ignore_fit`` bundles one that does not fit; ``force`` replaces an existing
+    ``out`` (one meaning each: a forced replacement used to bundle a misfit silently too). An
     export whose manifest records a failed verification or gate is refused unless
     ``allow_failed`` (then the bundle manifest says so).
     """
@@ -115,12 +116,12 @@ def create_bundle(export: str | Path, device: str | Path, out: str | Path,
                           f".toml file), not {profile.name!r}")
     facts = model_facts(export, allow_failed=allow_failed)
     result = fit(facts, profile, context)
-    if result.verdict in ("does not fit", "no runtime") and not force:
+    if result.verdict in ("does not fit", "no runtime") and not ignore_fit:
         raise DeviceError(f"{export} {result.verdict.replace('no runtime', 'has no runtime')} "
                           f"on {profile.name}: {result.total_bytes / MiB:.0f} MiB predicted, "
                           f"{profile.usable_mb} MiB usable"
                           + (f" ({'; '.join(result.notes)})" if result.notes else "")
-                          + "; pass --force to bundle it anyway")
+                          + "; pass --ignore-fit to bundle it anyway")
     out = Path(out)
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise InputError(f"--out {out} must end in .tar.gz")

@@ -200,10 +200,13 @@ def test_refuses_what_does_not_fit_and_leaves_nothing(export_dir, tmp_path):
     board.write_text((Path(load_profile("pi-zero-2w").source).read_text()
                       .replace('name = "pi-zero-2w"', 'name = "tiny-board"')
                       .replace("usable_mb = 330", "usable_mb = 60")))
-    with pytest.raises(DeviceError, match=r"does not fit on tiny-board.*--force"):
+    with pytest.raises(DeviceError, match=r"does not fit on tiny-board.*--ignore-fit"):
         create_bundle(export_dir, board, out)
     assert not out.exists() and not list((tmp_path / "o").glob("*"))
-    create_bundle(export_dir, board, out, force=True)
+    # --force only replaces: it never bundles a misfit (it used to mean both)
+    with pytest.raises(DeviceError, match="does not fit"):
+        create_bundle(export_dir, board, out, force=True)
+    create_bundle(export_dir, board, out, ignore_fit=True)
     assert verify_bundle(out)["fit"]["verdict"] == "does not fit"
 
 

@@ -1,6 +1,7 @@
 """``edgeqlora bundle``: a verified .tar.gz of an export for one device (``edgeqlora.devices``).
 
     edgeqlora bundle [create] EXPORT --device NAME --out FILE.tar.gz [--context N] [--force]
+        [--ignore-fit]
     edgeqlora bundle verify FILE
     edgeqlora bundle unpack FILE DIR
 
@@ -16,7 +17,7 @@ from ._common import add_allow_failed
 HELP = ("pack an export for a device into a verified .tar.gz ('bundle verify FILE' checks one, "
         "'bundle unpack FILE DIR' verifies and extracts)")
 USAGE = ("edgeqlora bundle [create] EXPORT --device NAME --out FILE.tar.gz [--context N] "
-         "[--force]\n"
+         "[--force] [--ignore-fit]\n"
          "       edgeqlora bundle verify FILE\n"
          "       edgeqlora bundle unpack FILE DIR")
 ACTIONS = ("create", "verify", "unpack")
@@ -44,8 +45,10 @@ def add_arguments(p) -> None:
     create.add_argument("--context", type=int, default=2048,
                         help="context window the bundle is fitted and started with "
                              "(default 2048)")
-    create.add_argument("--force", action="store_true",
-                        help="bundle even if the export does not fit; replace an existing --out")
+    create.add_argument("--force", action="store_true", help="replace an existing --out")
+    create.add_argument("--ignore-fit", action="store_true",
+                        help="bundle even if the export does not fit the device (the bundle "
+                             "records the verdict)")
     add_allow_failed(create)
     verify = s.add_parser("verify", help="check a bundle's files against its manifest")
     verify.add_argument("file", metavar="FILE", help="a bundle or an unpacked bundle folder")
@@ -70,7 +73,8 @@ def run(args) -> int:
     if not args.device or not args.out:
         raise InputError("edgeqlora bundle EXPORT needs --device NAME and --out FILE.tar.gz")
     manifest = create_bundle(args.export, args.device, args.out, context=args.context,
-                             force=args.force, allow_failed=args.allow_failed)
+                             force=args.force, allow_failed=args.allow_failed,
+                             ignore_fit=args.ignore_fit)
     fit = manifest["fit"]
     print(f"wrote {args.out}: {describe(manifest)}; predicted {fit['total_bytes'] / 2**20:.0f} "
           f"MiB of {fit['usable_bytes'] / 2**20:.0f} MiB usable ({fit['verdict']})")
