@@ -40,15 +40,16 @@ BYTE_OPTIONS = ("block_size", "symmetric")
 # The exported graph's weight nodes: /m/<module path>/MatMul_Q4 (MatMulNBits), and the token
 # embedding's Gather (its own table, or the tied head's bytes: a _shared suffix).
 _MATMUL = re.compile(r"^/m/(?P<module>.+)/MatMul_Q\d+$")
+# Every supported family (recipes.ARCHS) keeps its token-embedding table here.
+EMBEDDING = "model.embed_tokens.weight"
 
 
 def _quantized_inputs(node, inits) -> list[Any]:
     """The weight initializers of a MatMulNBits / GatherBlockQuantized node (data, scales,
     zero points), in input order."""
-    first = 1 if node.op_type == "MatMulNBits" else 0
-    names = [node.input[first]] + [n for n in node.input[first + 1:] if n and n in inits]
-    if node.op_type == "GatherBlockQuantized":  # inputs: data, indices, scales[, zero points]
-        names = [node.input[0]] + [n for n in node.input[2:] if n and n in inits]
+    # MatMulNBits: A, B, scales[, zero points]; GatherBlockQuantized: data, indices, scales[, ...]
+    data, rest = (1, 2) if node.op_type == "MatMulNBits" else (0, 2)
+    names = [node.input[data]] + [n for n in node.input[rest:] if n and n in inits]
     return [inits[n] for n in names]
 
 
@@ -136,18 +137,14 @@ def tensor_bytes(model_dir: str | Path, quant: str = "int4",
                           f"{', '.join(DEVICE_RECIPES)}: deterministic and data-free)")
     opts = check_options({k: v for k, v in (options or {}).items() if k in DEFAULT_OPTIONS})
     model_dir = Path(model_dir)
-    cfg = check_model_dir(model_dir)
+    check_model_dir(model_dir)
     with tempfile.TemporaryDirectory(prefix=".onnx-device-") as scratch:
         model, _, _, _ = quantized_graph(model_dir, Path(scratch), quant, opts)
-    weights = quantized_weights(model, _embedding_name(cfg))
+    weights = quantized_weights(model, EMBEDDING)
     for w in weights:
         w["sha256"] = _digest(w["arrays"])
     return weights, {k: opts[k] for k in BYTE_OPTIONS}
 
-
-def _embedding_name(cfg: dict[str, Any]) -> str:
-    # Every supported family keeps its table at model.embed_tokens (graph.py's ARCHS).
-    return "model.embed_tokens.weight"
 
 
 def tensor_digests(model_file: str | Path) -> dict[str, str]:
