@@ -42,21 +42,27 @@ EXPORT_DIR = "export"
 MAX_MANIFEST_BYTES = 4 << 20  # ~20k files' entries: read no more than that
 
 
-def _run_script(profile: DeviceProfile, context: int) -> str:
+def _run_script(profile: DeviceProfile, context: int, failed: bool = False) -> str:
     """The bundle's start script. Only integers and constants are interpolated, and the title
     only into a comment with every non-printable character (a newline would end the comment
     and start a command) replaced: profile validation refuses them too, this is the second
-    line of defence."""
+    line of defence. ``failed``: the export failed its checks and was bundled with
+    --allow-failed, so the script passes it on (the device's run and serve refuse it otherwise)
+    and says so."""
     threads = int(profile.threads)
     context = int(context)
     title = "".join(c if c.isprintable() else "?" for c in profile.title)
+    allow = " --allow-failed" if failed else ""
+    note = ("# The export in this bundle FAILED its checks (see manifest.json: export_failures);"
+            "\n# it was bundled with --allow-failed, so it starts with --allow-failed.\n"
+            if failed else "")
     return f"""#!/usr/bin/env bash
 # Start the model in this bundle on a {title}.
 #   ./run.sh            OpenAI-compatible server + web chat on 127.0.0.1:${{PORT:-8080}}
 #   HOST=0.0.0.0 EDGEQLORA_API_KEY=... ./run.sh   the same on the network, behind that key
 #   ./run.sh chat       chat in the terminal
 # Needs: pip install 'edgeqlora[device-gguf,serve]' (see devices/raspberry-pi/install.sh).
-set -euo pipefail
+{note}set -euo pipefail
 here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 export EDGEQLORA_THREADS="${{EDGEQLORA_THREADS:-{threads}}}"
 # Re-check every file's sha256 (seconds per GB); EDGEQLORA_SKIP_VERIFY=1 skips it.
@@ -64,9 +70,9 @@ if [[ "${{EDGEQLORA_SKIP_VERIFY:-0}}" != "1" ]]; then
     edgeqlora bundle verify "$here" >/dev/null
 fi
 if [[ "${{1:-serve}}" == "chat" ]]; then
-    exec edgeqlora run "$here/{EXPORT_DIR}" --chat --n-ctx {context}
+    exec edgeqlora run "$here/{EXPORT_DIR}" --chat --n-ctx {context}{allow}
 fi
-exec edgeqlora serve "$here/{EXPORT_DIR}" --n-ctx {context} \\
+exec edgeqlora serve "$here/{EXPORT_DIR}" --n-ctx {context}{allow} \\
     --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8080}}"
 """
 
@@ -125,6 +131,10 @@ def create_bundle(export: str | Path, device: str | Path, out: str | Path,
     out = Path(out)
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise InputError(f"--out {out} must end in .tar.gz")
+    if out.is_dir():
+        # checked before any work: the final rename would only fail after the whole bundle
+        raise InputError(f"--out {out} is a directory; --force replaces a bundle file, never "
+                         "a directory; choose another --out")
     if out.exists() and not force:
         raise InputError(f"{out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +171,9 @@ def _stage_and_pack(export, export_manifest, profile, context, result, out, top,
             except OSError:
                 shutil.copyfile(p, dest)
     (root / PROFILE_NAME).write_text(profile.text, encoding="utf-8")
-    (root / RUN_SCRIPT).write_text(_run_script(profile, context), encoding="utf-8")
+    failures = export_failures(export_manifest)
+    (root / RUN_SCRIPT).write_text(_run_script(profile, context, bool(failures)),
+                                   encoding="utf-8")
     (root / RUN_SCRIPT).chmod(0o755)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -173,7 +185,7 @@ def _stage_and_pack(export, export_manifest, profile, context, result, out, top,
         "export": {"target": export_manifest.get("target"),
                    "quant": export_manifest.get("quant"), "source": str(export.resolve())},
         "fit": result.to_dict(),
-        "export_failures": export_failures(export_manifest),
+        "export_failures": failures,
         "files": _file_table(root),
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -365,9 +377,12 @@ def describe(manifest: dict[str, Any]) -> str:
     files = manifest.get("files", {})
     size = sum(int(m.get("size_bytes", 0)) for m in files.values() if isinstance(m, dict))
     exp = manifest.get("export") or {}
+    failures = manifest.get("export_failures") or []
     return (f"{len(files)} files, {size / MiB:.1f} MiB; {exp.get('target')} "
             f"{exp.get('quant')} for {manifest.get('device')} at context "
-            f"{manifest.get('context')}")
+            f"{manifest.get('context')}"
+            + (f"; the export FAILED its checks ({'; '.join(map(str, failures))}) and was "
+               "bundled with --allow-failed" if failures else ""))
 
 
 __all__ = ["create_bundle", "verify_bundle", "unpack_bundle", "describe"]

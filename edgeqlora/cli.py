@@ -51,6 +51,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    parser.command_parsers = {}  # name -> its parser, so that its errors print its own usage
     for name, module_name in COMMANDS.items():
         if only is not None and name != only:
             sub.add_parser(name)
@@ -59,7 +60,25 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
+        parser.command_parsers[name] = p
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, except that a recipe or ``key=value`` words may also come after the
+    options (``export ADAPTER --target onnx recipe.yaml lr=1``): argparse hands back positional
+    words that follow an option once the positionals are filled, so they join the recipe list in
+    the order typed. Anything else left over is the command's own usage error, not the top-level
+    one."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    if hasattr(args, "recipe_and_overrides") and not any(w.startswith("-") for w in extra):
+        args.recipe_and_overrides = list(args.recipe_and_overrides) + extra
+        return args
+    own = parser.command_parsers.get(getattr(args, "command", None), parser)
+    own.error("unrecognized arguments: " + " ".join(extra))  # exits 2
+    return args
 
 
 def _command_index(argv: list[str]) -> int | None:
@@ -84,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if normalize is not None:
             argv = argv[:i + 1] + normalize(argv[i + 1:])
     # No known command (--help, --version, a typo): the full parser prints the list or the error.
-    args = build_parser(only).parse_args(argv)
+    args = parse(build_parser(only), argv)
     if not sys.stderr.isatty():
         _no_library_progress_bars()
     previous = _catch_sigterm()

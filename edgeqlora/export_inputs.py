@@ -84,10 +84,11 @@ class Calibrations:
         req = self.requests.get(quant)
         if req is None:
             return None
-        key = (req["spec"], req["rows"], req["max_len"])
+        key = (req["spec"], req["rows"], req["max_len"], req.get("general", 0.0))
         if key not in self._made:
             seqs, record = calibration_sequences(tokenizer(self.model_dir), req["spec"],
-                                                 req["rows"], req["max_len"], req["what"])
+                                                 req["rows"], req["max_len"], req["what"],
+                                                 general=req.get("general", 0.0))
             if req.get("source"):
                 record["source"] = req["source"]
             self._made[key] = (seqs, record)

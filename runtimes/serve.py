@@ -80,9 +80,9 @@ class ServerState:
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) \
-                and max_tokens > self.max_tokens_limit:
-            raise RequestError(f"max_tokens={max_tokens} is above this server's limit of "
-                               f"{self.max_tokens_limit} (edgeqlora serve --max-tokens)",
+                and not 1 <= max_tokens <= self.max_tokens_limit:
+            raise RequestError(f"max_tokens={max_tokens} must be between 1 and this server's "
+                               f"limit of {self.max_tokens_limit} (edgeqlora serve --max-tokens)",
                                param="max_tokens")
         n = body.get("n", 1)
         if n != 1:

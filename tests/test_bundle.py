@@ -107,6 +107,7 @@ def test_run_script_is_valid_bash(bundle, tmp_path):
     assert os.access(folder / "run.sh", os.X_OK)
     text = (folder / "run.sh").read_text()
     assert "edgeqlora serve" in text and "--n-ctx 2048" in text and "bundle verify" in text
+    assert "--allow-failed" not in text and "FAILED" not in text  # a bundle of a passing export
 
 
 def test_tampered_file_is_named(bundle, tmp_path):
@@ -215,6 +216,10 @@ def test_refuses_bad_inputs(export_dir, tmp_path, bundle):
         create_bundle(export_dir, "pi5", bundle)
     with pytest.raises(InputError, match=r"must end in \.tar\.gz"):
         create_bundle(export_dir, "pi5", tmp_path / "b.zip")
+    (tmp_path / "dir.tar.gz").mkdir()  # refused before any work, --force or not
+    with pytest.raises(InputError, match=r"dir\.tar\.gz is a directory; --force replaces"):
+        create_bundle(export_dir, "pi5", tmp_path / "dir.tar.gz", force=True)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".dir.tar.gz")]
     with pytest.raises(DeviceError, match="unknown device"):
         create_bundle(export_dir, "pi9", tmp_path / "b.tar.gz")
     with pytest.raises(DeviceError, match="named device profile"):

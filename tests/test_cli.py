@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from edgeqlora import __version__
-from edgeqlora.cli import build_parser, main
+from edgeqlora.cli import build_parser, main, parse
 
 COMMANDS = ("quickstart", "train", "export", "parity", "run", "serve", "devices", "bench",
             "config")
@@ -106,3 +106,27 @@ def test_bundle_missing_device_is_one_line(capsys, tmp_path):
     assert main(["bundle", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device NAME and --out" in err
+
+
+def test_recipe_and_overrides_may_follow_the_options():
+    argv = ["export", "runs/a/adapter", "recipes/quickstart.yaml", "lora.r=4", "--target", "onnx",
+            "parity.text_tokens=512", "--keep-failed", "seed=3", "--out", "runs/x"]
+    args = parse(build_parser("export"), argv)
+    assert args.adapter == "runs/a/adapter" and args.target == "onnx" and args.out == "runs/x"
+    assert args.keep_failed is True
+    # in the order typed, so later overrides still win
+    assert args.recipe_and_overrides == ["recipes/quickstart.yaml", "lora.r=4",
+                                         "parity.text_tokens=512", "seed=3"]
+    args = parse(build_parser("train"), ["train", "--out", "runs/t", "recipes/quickstart.yaml",
+                                         "--threads", "1", "max_steps=2"])
+    assert args.recipe_and_overrides == ["recipes/quickstart.yaml", "max_steps=2"]
+
+
+def test_an_unknown_option_gets_the_commands_usage_not_the_top_level_one(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(build_parser("export"), ["export", "runs/a/adapter", "--out", "x", "--frobnicate"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: edgeqlora export" in err
+    assert "unrecognized arguments: --frobnicate" in err
+    assert "COMMAND" not in err

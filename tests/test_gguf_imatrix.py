@@ -47,7 +47,7 @@ def _calibration(base: Path, quant: str, options: dict):
     if req is None:
         return None
     return calibration_sequences(AutoTokenizer.from_pretrained(base), req["spec"], req["rows"],
-                                 req["max_len"], req["what"])
+                                 req["max_len"], req["what"], general=req["general"])
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def exports(tiny):
     for key, im in (("plain", None), ("imatrix", str(tiny["calib"]))):
         d = tiny["root"] / f"q4km-{key}"
         d.mkdir()
-        options = {"imatrix": im, "imatrix_rows": ROWS}
+        # every option the CLI can pass reaches write_export (calibration_general once did not)
+        options = {"imatrix": im, "imatrix_rows": ROWS, "calibration_general": 0.25}
         out[key] = (d, G.write_export(tiny["base"], d, "q4_k_m", **options,
                                       calibration=_calibration(tiny["base"], "q4_k_m",
                                                                options)))
@@ -90,7 +91,7 @@ def test_imatrix_rows_match_the_activations(tiny, imatrix):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeqlora.exporters.gguf.imatrix import MAX_LEN
-    from edgeqlora.heldout import calibration_sequences
+    from edgeqlora.heldout import GENERAL_SHARE, calibration_sequences
 
     im, record = imatrix
     kinds = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -105,7 +106,8 @@ def test_imatrix_rows_match_the_activations(tiny, imatrix):
     assert record["entries"] == 14 and len(record["sha256"]) == 64
 
     seqs, _ = calibration_sequences(AutoTokenizer.from_pretrained(tiny["base"]),
-                                    str(tiny["calib"]), ROWS, MAX_LEN)
+                                    str(tiny["calib"]), ROWS, MAX_LEN, general=GENERAL_SHARE)
+    assert record["general"]["share"] == pytest.approx(GENERAL_SHARE, abs=0.02)
     model = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)
     with torch.no_grad():
         xs = [model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor(s)))
@@ -221,7 +223,7 @@ def test_calibration_request_and_auto(tiny, tmp_path):
     from edgeqlora.exporters import gguf as G
     from edgeqlora.exporters.gguf.imatrix import DEFAULT_ROWS, MAX_LEN
 
-    want = {"spec": "auto", "rows": DEFAULT_ROWS, "max_len": MAX_LEN,
+    want = {"spec": "auto", "rows": DEFAULT_ROWS, "max_len": MAX_LEN, "general": 0.25,
             "what": "imatrix calibration data"}
     assert G.calibration_request("q4_k_m", {"imatrix": "auto"}) == want
     assert G.calibration_request("Q4_0", {"imatrix": "AUTO", "imatrix_rows": 7}) == \
@@ -247,7 +249,7 @@ def test_check_options_names_every_problem(tiny):
         G.check_options({"imatrx": "auto", "block_size": 32, "imatrix_rows": 0, "name": "a/b"})
     msg = str(err.value)
     for part in ("'imatrx' (did you mean 'imatrix'?", "'block_size'", "imatrix_rows=0",
-                 "name='a/b'", "valid: imatrix, imatrix_rows, name"):
+                 "name='a/b'", "valid: imatrix, imatrix_rows, calibration_general, name"):
         assert part in msg, msg
 
 
@@ -283,3 +285,13 @@ def test_cli_imatrix_bad_path_one_line(tiny, tmp_path, capsys):
     assert rc == 2 and len(errors) == 1 and "missing.jsonl" in errors[0], errors
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     shutil.rmtree(adapter)
+
+
+def test_every_option_is_a_write_export_parameter():
+    """The export stage passes the checked options to ``write_export`` as keywords: an option
+    it does not take is a TypeError at the end of a merge (``calibration_general`` once was)."""
+    import inspect
+
+    from edgeqlora.exporters import gguf as G
+
+    assert set(G.DEFAULT_OPTIONS) <= set(inspect.signature(G.write_export).parameters)

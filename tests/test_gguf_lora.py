@@ -184,3 +184,20 @@ def test_cli_run_with_a_lora(files, capsys):
     assert main(args + ["--lora", str(files["other"])]) == 2
     err = capsys.readouterr().err
     assert "could not load LoRA adapter" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_lora_scale_needs_an_adapter_and_a_finite_number(files, capsys):
+    """`--lora-scale` on a model that runs no adapter, or a NaN scale, is a one-line error rather
+    than a flag silently ignored."""
+    from edgeqlora.cli import main
+
+    args = ["run", str(files["base"]), "--prompt", "Once", "--max-new-tokens", "2",
+            "--threads", "1", "--n-ctx", "64"]
+    assert main(args + ["--lora-scale", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "runs no LoRA adapter" in err and len(err.strip().splitlines()) == 1
+    for bad in ("nan", "inf"):
+        assert main(args + ["--lora", str(files["a"]), "--lora-scale", bad]) == 2
+        err = capsys.readouterr().err
+        assert "finite" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--lora", str(files["a"]), "--lora-scale", "0.5"]) == 0

@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -297,13 +299,31 @@ def test_consumers_refuse_a_failed_export_unless_allowed(tiny, failed_export, tm
     with pytest.raises(ManifestError):
         load(failed_export)
     load(failed_export, allow_failed=True).close()
+    capsys.readouterr()
     assert main(cases[0] + ["--allow-failed"]) == 0
+    # what it answers is not taken for the trained model's: one line says why it was refused
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: export {failed_export}: ")
+    assert "verification failed" in warning[0] and "(--allow-failed)" in warning[0]
     assert main(cases[2] + ["--allow-failed"]) == 0
     assert main(cases[3] + ["--allow-failed"]) == 0
     capsys.readouterr()
     from edgeqlora.devices.bundle import verify_bundle
 
     assert verify_bundle(tmp_path / "b.tar.gz")["export_failures"]
+    # ... and the bundle says so: verify does not print a plain OK, and its run.sh passes
+    # --allow-failed on (the device's serve would refuse the export otherwise)
+    assert main(["bundle", "verify", str(tmp_path / "b.tar.gz")]) == 0
+    out = capsys.readouterr().out
+    assert ": files OK (" in out and "FAILED its checks (its verification failed" in out, out
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("/run.sh"))
+        script = tar.extractfile(member).read().decode()
+    assert "FAILED its checks" in script
+    assert re.search(r'exec edgeqlora run "\$here/export" --chat --n-ctx \d+ --allow-failed\n',
+                     script), script
+    assert re.search(r'exec edgeqlora serve "\$here/export" --n-ctx \d+ --allow-failed ',
+                     script), script
 
 
 @needs_llama_cpp

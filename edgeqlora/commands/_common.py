@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -77,6 +78,25 @@ def add_allow_failed(p: argparse.ArgumentParser) -> None:
                         "gate (one kept with 'export --keep-failed'); refused otherwise")
 
 
+def warn_failed_export(path) -> None:
+    """One stderr line when ``--allow-failed`` lets a failed export through, so that what it
+    answers (often nothing at all, from a NaN model) is not taken for the trained model's."""
+    from pathlib import Path
+
+    from ..artifacts import export_failures, read_manifest
+    from ..errors import EdgeQloraError
+
+    if not Path(path).is_dir():
+        return
+    try:
+        problems = export_failures(read_manifest(path))
+    except EdgeQloraError:
+        return  # loading it says what is wrong
+    if problems:
+        print(f"warning: export {path}: {'; '.join(problems)}; using it anyway "
+              "(--allow-failed)", file=sys.stderr)
+
+
 def load_runtime(args):
     """The export in ``args.export`` loaded through its runtime (torch-free); flags left unset
     fall back to the runtime's own defaults."""
@@ -93,8 +113,17 @@ def load_runtime(args):
     if args.lora is not None:
         kwargs["lora_path"] = args.lora
     if args.lora_scale is not None:
+        if not math.isfinite(args.lora_scale):
+            raise InputError(f"--lora-scale {args.lora_scale} must be a finite number")
         kwargs["lora_scale"] = args.lora_scale
     if getattr(args, "prompt_cache", False):
         kwargs["prompt_cache"] = True
-    return load(args.export, verify=not args.no_verify, allow_failed=args.allow_failed,
-                **kwargs)
+    if args.allow_failed:
+        warn_failed_export(args.export)
+    runtime = load(args.export, verify=not args.no_verify, allow_failed=args.allow_failed,
+                   **kwargs)
+    if args.lora_scale is not None and getattr(runtime, "lora_path", None) is None:
+        runtime.close()
+        raise InputError(f"--lora-scale {args.lora_scale}: {args.export} runs no LoRA adapter "
+                         "(pass --lora ADAPTER, or load an --adapter-only export)")
+    return runtime

@@ -62,7 +62,8 @@ def run(args) -> int:
 
     if args.bundle_cmd == "verify":
         manifest = verify_bundle(args.file)
-        print(f"{args.file}: OK ({describe(manifest)})")
+        ok = "files OK" if manifest.get("export_failures") else "OK"
+        print(f"{args.file}: {ok} ({describe(manifest)})")
         return 0
     if args.bundle_cmd == "unpack":
         folder = unpack_bundle(args.file, args.dir)

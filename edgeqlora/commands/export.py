@@ -62,6 +62,10 @@ def add_arguments(p) -> None:
                         "was trained on, from its manifest)")
     p.add_argument("--calibration-rows", type=int, default=None,
                    help="onnx int4-gptq*: calibration conversations (default 64)")
+    p.add_argument("--calibration-general", type=float, default=None, metavar="SHARE",
+                   help="GPTQ and imatrix: the share of calibration tokens from general "
+                        "English text mixed into the task rows (default 0.25 for the gguf "
+                        "imatrix, 0.1 for onnx GPTQ; 0 = task rows only)")
     p.add_argument("--imatrix", default=None, metavar="none|auto|PATH",
                    help="gguf k-quants/q4_0: quantize with an importance matrix from the "
                         "adapter's training data (auto) or calibration rows in PATH "
@@ -97,7 +101,9 @@ def run(args) -> int:
                                  ("accuracy_level", args.accuracy_level),
                                  ("context_length", args.context_length),
                                  ("calibration_data", args.calibration_data),
-                                 ("calibration_rows", args.calibration_rows)) if v is not None}
+                                 ("calibration_rows", args.calibration_rows),
+                                 ("calibration_general", args.calibration_general))
+               if v is not None}
     if args.asymmetric:
         options["symmetric"] = False
     if (args.imatrix or cfg.export.imatrix).strip().lower() != "none":

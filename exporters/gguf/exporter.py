@@ -61,6 +61,7 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
                  adapter_quant: str = "q8_0", name: str = "model", progress: bool = False,
                  calibration: tuple[list[list[int]], dict[str, Any]] | None = None,
                  imatrix: str | None = None, imatrix_rows: int | None = None,
+                 calibration_general: float | None = None,
                  identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a GGUF export into ``out_dir`` (an existing, empty temporary directory).
 
@@ -73,11 +74,13 @@ def write_export(model_dir: str | Path, out_dir: str | Path, quant: str, *,
     ``calibration_request`` asked for). For a quant that uses an importance matrix (K-quants,
     Q4_0) its tensors are quantized with one computed on those sequences in torch; recorded
     under ``info["imatrix"]``. Types that use none (f32/f16/bf16/q8_0) get a note instead.
-    ``imatrix`` / ``imatrix_rows``: the options the request came from (checked here too).
+    ``imatrix`` / ``imatrix_rows`` / ``calibration_general``: the options the request came from
+    (checked here too; the rows already hold the general share, the record says how much).
     ``identity``: the ``general.*`` keys of the model file (``export_inputs.identity``)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     quant = common.check_quant(quant)
-    opts = check_options({"imatrix": imatrix, "imatrix_rows": imatrix_rows, "name": name})
+    opts = check_options({"imatrix": imatrix, "imatrix_rows": imatrix_rows, "name": name,
+                          "calibration_general": calibration_general})
     stem = "base" if lora is not None else opts["name"]
     model_file = out_dir / f"{stem}.{quant}.gguf"
     info: dict[str, Any] = {"quant": quant, "model_file": model_file.name}

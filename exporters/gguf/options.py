@@ -8,15 +8,17 @@ import difflib
 from typing import Any
 
 from edgeqlora.errors import ConfigError
-from edgeqlora.heldout import check_rows
+from edgeqlora.heldout import GENERAL_SHARE, check_rows, check_share
 
 from .imatrix import DEFAULT_ROWS, IMATRIX_QUANTS, MAX_LEN, NONE, check_imatrix
 
 # imatrix: none | auto (the adapter's training data) | a data spec of calibration rows;
-# imatrix_rows: how many of them; name: the file stem of a full-model export.
+# imatrix_rows: how many of them; calibration_general: the share of the importance matrix's
+# tokens from general English (heldout.CALIBRATION_TEXT); name: the file stem of a full-model
+# export.
 # identity: the general.* keys (export_inputs.identity), from the export stage.
-DEFAULT_OPTIONS = {"imatrix": NONE, "imatrix_rows": DEFAULT_ROWS, "name": "model",
-                   "identity": None}
+DEFAULT_OPTIONS = {"imatrix": NONE, "imatrix_rows": DEFAULT_ROWS,
+                   "calibration_general": GENERAL_SHARE, "name": "model", "identity": None}
 
 # Verification thresholds (GGUF in llama.cpp vs the merged model in fp32 torch, held-out tokens).
 # From measurements on SmolLM2-135M (the table: Q8_0 0.96 / 0.006, Q4_K_M 0.85 / 0.10,
@@ -56,6 +58,10 @@ def check_options(options: dict[str, Any] | None) -> dict[str, Any]:
         check_rows(out["imatrix_rows"], "imatrix_rows")
     except ConfigError as exc:
         problems.append(str(exc))
+    try:
+        check_share(out["calibration_general"], "calibration_general")
+    except ConfigError as exc:
+        problems.append(str(exc))
     name = out["name"]
     if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
         problems.append(f"name={name!r} must be a plain file stem (no '/', not hidden)")
@@ -74,5 +80,5 @@ def calibration_request(quant: str, options: dict[str, Any] | None) -> dict[str,
     if opts["imatrix"] == NONE or quant.strip().lower() not in IMATRIX_QUANTS:
         return None
     return {"spec": opts["imatrix"], "rows": opts["imatrix_rows"], "max_len": MAX_LEN,
-            "what": "imatrix calibration data"}
+            "general": opts["calibration_general"], "what": "imatrix calibration data"}
 
