@@ -95,23 +95,10 @@ class Calibrations:
         return self._made[key]
 
 
-# Loaded tokenizers by the content of the files that make them (~0.3 s a load; an export loads
-# the same files more than once, a process that exports several adapters of one base again).
-# Only read here (held-out sequences, chat templates, verification texts), never changed.
-_tokenizers: dict[str, Any] = {}
-
-
 def tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+    from .hf_tokenizer import load
 
-    from .artifacts import tokenizer_digest
-
-    key = tokenizer_digest(model_dir)
-    if key not in _tokenizers:
-        while len(_tokenizers) >= 4:
-            _tokenizers.pop(next(iter(_tokenizers)))
-        _tokenizers[key] = AutoTokenizer.from_pretrained(model_dir)
-    return _tokenizers[key]
+    return load(model_dir)
 
 
 def text_ids(tok):

@@ -22,9 +22,10 @@ def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
     merged model's reference instead of running it again. ``trained``: the trained model, if
     already loaded."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .heldout import heldout_sequences
+    from .hf_tokenizer import load as tokenizer
     from .metrics import Agreement, distinct_positions
     from .logits import forward_logits
     from .qlora import dequantized_weights, load_trained
@@ -32,7 +33,7 @@ def measure_against_trained(adapter_dir: Path, candidates: dict[str, Path],
     if trained is None:
         trained = load_trained(adapter_dir, device="cpu")
     manifest = read_manifest(adapter_dir, kind="adapter")
-    tok = AutoTokenizer.from_pretrained(next(iter(candidates.values())))
+    tok = tokenizer(next(iter(candidates.values())))
     seqs = heldout_sequences(manifest, tok, eval_tokens)
     keeps = distinct_positions(seqs)  # a shared prompt counts once
     # Dequantized once, not at every forward (bitsandbytes' CPU path; same outputs, tested).

@@ -61,10 +61,9 @@ class TorchReference:
     tokenizer and chat template."""
 
     def __init__(self, adapter_dir: str | Path, device: str | None = None):
-        from transformers import AutoTokenizer
-
         from .artifacts import read_manifest
         from .base import resolve_base
+        from .hf_tokenizer import load as tokenizer
         from .qlora import dequantized_weights, load_trained
 
         self.adapter_dir = Path(adapter_dir)
@@ -79,7 +78,7 @@ class TorchReference:
         path = Path(base.get("path", ""))
         if not (path / "config.json").is_file():
             path = resolve_base(base.get("spec", "embedded"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer(path)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

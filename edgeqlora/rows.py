@@ -339,7 +339,8 @@ def assistant_char_spans(tokenizer, messages: list[dict[str, str]]
         if m["role"] != "assistant":
             continue
         head = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
+        # The last turn's prefix is the whole conversation: rendered once.
+        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
         if i and full.startswith(head) and full.startswith(upto) and len(head) < len(upto):
             start, end = len(head), len(upto)
             # Drop what the template writes after the end-of-turn token (a newline): the model
@@ -376,23 +377,46 @@ def tokenize_example(tokenizer, row: dict[str, Any], max_len: int) -> dict[str, 
     loss on every token; longer than ``max_len`` -> truncated, and the result has
     ``"truncated": True``.
     """
-    if "text" in row:
-        ids = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids.append(tokenizer.eos_token_id)
-        out: dict[str, Any] = {"input_ids": ids[:max_len], "labels": ids[:max_len]}
-        if len(ids) > max_len:
-            out["truncated"] = True
-        return out
-    if not getattr(tokenizer, "is_fast", False):
+    return _tokenized([row], tokenizer, max_len)[0]
+
+
+def _tokenized(rows, tokenizer, max_len: int) -> list[dict[str, Any] | None]:
+    """``tokenize_example`` of each row, the texts of each kind encoded in one tokenizer call
+    (the same ids and offsets as one call per text, without the per-call overhead)."""
+    chat = [i for i, row in enumerate(rows) if "text" not in row]
+    if chat and not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer; edgeqlora needs "
                         "character offsets to find the assistant tokens (use tokenizer.json)")
-    full, spans = assistant_char_spans(tokenizer, row["messages"])
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    out: list[dict[str, Any] | None] = [None] * len(rows)
+    text = [i for i, row in enumerate(rows) if "text" in row]
+    if text:
+        enc = tokenizer([rows[i]["text"] for i in text], add_special_tokens=True)["input_ids"]
+        for i, ids in zip(text, enc):
+            out[i] = _text_example(list(ids), tokenizer.eos_token_id, max_len)
+    if chat:
+        rendered = [assistant_char_spans(tokenizer, rows[i]["messages"]) for i in chat]
+        enc = tokenizer([full for full, _ in rendered], add_special_tokens=False,
+                        return_offsets_mapping=True)
+        for k, i in enumerate(chat):
+            out[i] = _chat_example(list(enc["input_ids"][k]), enc["offset_mapping"][k],
+                                   rendered[k][1], max_len)
+    return out
+
+
+def _text_example(ids: list[int], eos_id: int | None, max_len: int) -> dict[str, Any]:
+    if eos_id is not None and (not ids or ids[-1] != eos_id):
+        ids.append(eos_id)
+    out: dict[str, Any] = {"input_ids": ids[:max_len], "labels": ids[:max_len]}
+    if len(ids) > max_len:
+        out["truncated"] = True
+    return out
+
+
+def _chat_example(ids: list[int], offsets, spans: list[tuple[int, int]],
+                  max_len: int) -> dict[str, Any] | None:
     labels = [IGNORE_INDEX] * len(ids)
     last = -1
-    for j, (s, e) in enumerate(enc["offset_mapping"]):
+    for j, (s, e) in enumerate(offsets):
         if any(s < b and e > a for a, b in spans):
             labels[j] = ids[j]
             last = j
@@ -421,8 +445,10 @@ def tokenize_dataset(tokenizer, rows, max_len: int) -> TokenizedData:
     Raises ``DataError`` if every row is dropped (the message suggests a larger max_len).
     """
     examples, dropped, truncated = [], 0, 0
-    for row in rows:
-        ex = tokenize_example(tokenizer, row, max_len)
+    rows = list(rows)
+    # In chunks: one tokenizer call per chunk, the encodings of a large dataset never all held.
+    chunks = (_tokenized(rows[i:i + 1024], tokenizer, max_len) for i in range(0, len(rows), 1024))
+    for ex in (ex for chunk in chunks for ex in chunk):
         if ex is None:
             dropped += 1
             continue

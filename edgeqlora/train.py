@@ -64,9 +64,9 @@ def train(cfg: Config, out: Path) -> Path:
     base_path = resolve_base(cfg.base)
     if is_device_quant(cfg.quant):  # the exporter must be able to write this base
         device_check(base_path, cfg.quant)
-    from transformers import AutoTokenizer
+    from .hf_tokenizer import load as load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer = load_tokenizer(base_path)
     train_data = load_dataset(cfg.data)
     schema, schema_source = resolve_schema(cfg.data, cfg.schema)
     check_schema(schema)

@@ -131,14 +131,17 @@ class ONNXRuntime(Runtime):
             raise InputError(f"{self.export_dir} has no tokenizer.json")
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(tok_path))
-            spec = json.loads(tok_path.read_text(encoding="utf-8"))
+            # From the parsed tokenizer, not a second parse of the file (~0.1 s for 49k tokens).
+            decoder = self._tok.decoder
+            spec = {"decoder": json.loads(decoder.__getstate__()) if decoder is not None
+                    else None}
         except Exception as exc:
             raise InputError(f"{tok_path} cannot be read by the tokenizers library "
                              f"({exc})") from None
         self._byte_level = _is_byte_level(spec)
         self._byte_table = _bytes_decoder() if self._byte_level else {}
-        self._special_ids = {int(t["id"]) for t in spec.get("added_tokens", [])
-                             if t.get("special")}
+        self._special_ids = {int(i) for i, t in self._tok.get_added_tokens_decoder().items()
+                             if t.special}
         self._piece_cache: dict[int, bytes] = {}
         # prompt_cache: the KV cache of the last generation (its tokens and present tensors);
         # a prompt that starts with the same tokens decodes only the rest (as the GGUF runtime

@@ -10,12 +10,13 @@ from pathlib import Path
 def verify_set(model_dir: Path, sequences: list[list[int]], texts: list[str],
                label: str = "merged model"):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from edgeqlora.heldout import VerifySet
+    from edgeqlora.hf_tokenizer import load
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load(model_dir)  # the export stage's loader: one load per tokenizer content
 
     def logits(ids: list[int]):
         with torch.no_grad():

@@ -368,3 +368,20 @@ def test_labels_when_eos_is_not_the_end_of_turn_token(tokenizer):
     tok.eos_token = "<|endoftext|>"
     ex = data.tokenize_example(tok, MULTI, max_len=256)
     assert _label_runs(tok, ex) == ["hello there<|im_end|>", "4, of course<|im_end|>"]
+
+
+def test_a_dataset_is_tokenized_in_batches_row_for_row(tokenizer):
+    """tokenize_dataset encodes many rows per tokenizer call (chunks of 1,024): each example is
+    what that row alone gives, in the rows' order, across a chunk boundary and with chat and
+    text rows mixed; the chat ids are apply_chat_template's."""
+    train, _ = iot.generate(0, 1030, 0)
+    rows = [*train[:1020], TEXT, MULTI, *train[1020:], CHAT, TEXT]
+    got = data.tokenize_dataset(tokenizer, rows, max_len=256).examples
+    assert len(got) == len(rows)
+    for row, ex in zip(rows, got):
+        alone = data.tokenize_example(tokenizer, row, max_len=256)
+        alone.pop("truncated", None)
+        assert ex == alone
+        if "messages" in row:
+            assert ex["input_ids"] == list(tokenizer.apply_chat_template(
+                row["messages"], tokenize=True, return_dict=False))

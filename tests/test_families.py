@@ -47,9 +47,9 @@ def trained(request, tmp_path_factory, tokenizer_dir, iot_file):
 
 
 def _sequences(tokenizer_dir) -> list[list[int]]:
-    from transformers import AutoTokenizer
+    from edgeqlora.hf_tokenizer import load
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load(tokenizer_dir)
     # Longer than the Gemma fixtures' 8-token sliding window, so sliding and global layers differ.
     return [tok("The quick brown fox jumps over the lazy dog 12 times, then sleeps.")["input_ids"],
             tok("Turn on the kitchen light at seven thirty and dim the hallway lamp")["input_ids"]]

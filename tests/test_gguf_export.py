@@ -262,7 +262,9 @@ def test_streamed_row_chunks_write_the_same_bytes(tiny, tmp_path, quant):
 
     whole, chunked = tmp_path / "whole.gguf", tmp_path / "chunked.gguf"
     G.write_model_gguf(tiny["base"], whole, quant, chunk_bytes=2**40)
-    G.write_model_gguf(tiny["base"], chunked, quant, chunk_bytes=1000)  # a few rows at a time
+    # 27 fp32 rows of 64 a chunk: no tensor's row count is a multiple of it, so every tensor
+    # (the 49,152-row embedding in 1,821 reads) ends on a short chunk.
+    G.write_model_gguf(tiny["base"], chunked, quant, chunk_bytes=27 * 64 * 4)
     assert whole.read_bytes() == chunked.read_bytes()
 
 

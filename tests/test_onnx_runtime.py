@@ -129,6 +129,10 @@ def test_tokenizer_and_pieces_match_hf(rt, tokenizer):
         pieces = b"".join(rt._piece(t) for t in ids).decode("utf-8")
         assert pieces == tokenizer.decode(ids, skip_special_tokens=True)
     assert rt.tokenize("<|im_end|>", special=False) != rt.tokenize("<|im_end|>")
+    # What the runtime read from the parsed tokenizer is what tokenizer.json says.
+    spec = json.loads((rt.export_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    assert rt._special_ids == {t["id"] for t in spec["added_tokens"] if t["special"]}
+    assert rt._byte_level and spec["decoder"]["type"] == "ByteLevel"
 
 
 def test_chat_template_matches_transformers(rt, tokenizer):

@@ -17,7 +17,7 @@ OVERRIDES = ["max_steps=2", "batch_size=4", "eval_examples=3", "max_new_tokens=6
 
 
 def test_quickstart_layout_summary_device_aware_variant_and_resume(tiny_model_dir, tmp_path,
-                                                                   capsys):
+                                                                   capsys, monkeypatch):
     """One quickstart with ``--device-aware gguf,onnx`` (its NF4 run is the plain
     quickstart's): the layout and summary; the device-aware variants (runs on the gguf-q4_k_m
     and onnx-int4 bases, exported unmerged as the base + the LoRA, each gated against its own
@@ -75,12 +75,19 @@ def test_quickstart_layout_summary_device_aware_variant_and_resume(tiny_model_di
     assert "onnx-int4 base" in " ".join(printed.split())
 
     # An interrupted quickstart continues: the finished training is not redone (same adapter
-    # weights), the base's score comes back from metrics.jsonl, later stages run again.
+    # weights), the base's score comes back from metrics.jsonl, later stages run again (one
+    # export of the four is enough to show it).
+    import edgeqlora.quickstart as Q
+
+    monkeypatch.setattr(Q, "EXPORTS", Q.EXPORTS[1:2])
     weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    stamp = (out / "exports" / "gguf-q8_0" / "manifest.json").stat().st_mtime_ns
     again = quickstart(out, overrides=overrides, resume=True)
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == weights
     assert again["base_exact_match"] == data["base_exact_match"]
     assert again["trained_exact_match"] is not None
+    assert [e["name"] for e in again["exports"]] == ["gguf-q8_0"]
+    assert (out / "exports" / "gguf-q8_0" / "manifest.json").stat().st_mtime_ns != stamp
 
 
 def test_quickstart_refuses_foreign_dir(tmp_path):

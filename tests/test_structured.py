@@ -84,10 +84,15 @@ def test_task_schema_accepts_every_target_and_nothing_else():
             validator.validate(bad)
 
 
-@pytest.mark.parametrize("name", ["gguf_rt", "onnx_rt"])
+# The real SmolLM2 runs are `slow` (its decoding is most of this file's time); the quick loop
+# runs the same code on the tiny random GGUF.
+RUNTIMES = ["tiny_gguf_rt", pytest.param("gguf_rt", marks=pytest.mark.slow), "onnx_rt"]
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
 def test_every_constrained_answer_is_a_valid_action(name, request):
-    """The untrained SmolLM2 (GGUF) answers in prose and a random tiny model (ONNX) in noise;
-    under the schema both write one valid action every time, and say they stopped."""
+    """The untrained SmolLM2 (GGUF) answers in prose and random tiny models (GGUF, ONNX) in
+    noise; under the schema each writes one valid action every time, and says it stopped."""
     from edgeqlora.runtimes.base import Completion
 
     rt = request.getfixturevalue(name)
@@ -104,7 +109,7 @@ def test_every_constrained_answer_is_a_valid_action(name, request):
                                stream=True)) == text
 
 
-@pytest.mark.parametrize("name", ["gguf_rt", "onnx_rt"])
+@pytest.mark.parametrize("name", RUNTIMES)
 def test_each_token_is_the_models_pick_when_the_grammar_takes_it(name, request):
     """Replayed step by step: every token of a greedy constrained answer is the model's argmax
     when the grammar accepts that, else the argmax over llguidance's mask; so an answer the
@@ -134,16 +139,18 @@ def test_each_token_is_the_models_pick_when_the_grammar_takes_it(name, request):
     assert strayed > 0  # the untrained / random model needed the mask
 
 
-def test_seeded_sampling_under_the_schema_is_valid_and_reproducible(gguf_rt, onnx_rt):
-    for rt in (gguf_rt, onnx_rt):
-        kw = dict(max_new_tokens=96, json_schema=SCHEMA, temperature=1.0, seed=7)
-        a = rt.chat(COMMANDS[0], **kw)
-        assert valid(a) and rt.chat(COMMANDS[0], **kw) == a
-        b = rt.chat(COMMANDS[0], max_new_tokens=96, json_schema=SCHEMA, temperature=0.8,
-                    top_k=20, top_p=0.9, seed=3)
-        assert valid(b)
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_seeded_sampling_under_the_schema_is_valid_and_reproducible(name, request):
+    rt = request.getfixturevalue(name)
+    kw = dict(max_new_tokens=96, json_schema=SCHEMA, temperature=1.0, seed=7)
+    a = rt.chat(COMMANDS[0], **kw)
+    assert valid(a) and rt.chat(COMMANDS[0], **kw) == a
+    b = rt.chat(COMMANDS[0], max_new_tokens=96, json_schema=SCHEMA, temperature=0.8,
+                top_k=20, top_p=0.9, seed=3)
+    assert valid(b)
 
 
+@pytest.mark.slow  # the real model: a noise model writes whitespace inside an object forever
 def test_json_object_mode_and_other_schemas(gguf_rt):
     from edgeqlora.runtimes.base import Completion
 
@@ -160,10 +167,15 @@ def test_json_object_mode_and_other_schemas(gguf_rt):
               "required": ["ok"], "additionalProperties": False}
     assert json.loads(gguf_rt.generate("Answer:", max_new_tokens=20, json_schema=schema)) \
         in ({"ok": True}, {"ok": False})
-    # A string, a path and a mapping are the same schema (compiled once).
+
+
+def test_a_schema_string_path_and_mapping_compile_once(tiny_gguf_rt):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+              "required": ["ok"], "additionalProperties": False}
     path = Path(__file__).parent / "assets" / "structured_schema.json"
-    assert gguf_rt.grammar(json.dumps(schema)) is gguf_rt.grammar(schema) \
-        is gguf_rt.grammar(path)
+    assert json.loads(path.read_text()) == schema
+    assert tiny_gguf_rt.grammar(json.dumps(schema)) is tiny_gguf_rt.grammar(schema) \
+        is tiny_gguf_rt.grammar(path)
 
 
 def test_budget_cut_says_length(gguf_rt):
@@ -222,6 +234,7 @@ def test_schema_resolution_from_the_training_config(tmp_path):
     assert read_schema(tmp_path) == SCHEMA and read_schema(tmp_path / "none") is None
 
 
+@pytest.mark.slow  # four CLI runs of the real model (a noise model need not stop)
 def test_cli_run_uses_the_export_schema_unless_told_not_to(tmp_path, gguf_rt):
     from edgeqlora.artifacts import write_manifest
     from edgeqlora.base import embedded_gguf_path

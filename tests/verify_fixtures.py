@@ -10,11 +10,10 @@ from pathlib import Path
 def verify_set(model_dir: Path, sequences: list[list[int]], texts=(), label: str = "merged model"):
     """The VerifySet of ``model_dir`` on ``sequences`` and ``texts``; the model is loaded when
     the first logits are asked for (a check that never runs the export costs nothing)."""
-    from transformers import AutoTokenizer
-
     from edgeqlora.heldout import VerifySet
+    from edgeqlora.hf_tokenizer import load
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load(model_dir)  # the export stage's loader: one load per tokenizer content
     model = []
 
     def logits(ids):
