@@ -27,6 +27,7 @@ Import is torch-free; torch/transformers load inside the conversion.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -56,8 +57,6 @@ EMBEDDED_MODELS = {"smollm2": EMBEDDED_NAME, "gemma3-270m": "google/gemma-3-270m
 CONVERTER_VERSION = 1
 
 # GGUF token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, BYTE=6.
-_CONTROL = 3
-_USER_DEFINED = 4
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -108,6 +107,10 @@ def gguf_converters() -> dict[tuple, Any]:
     from . import base_gemma
 
     return {("llama", "gpt2", "smollm"): (convert_embedded, CONVERTER_VERSION),
+            # Llama 3 and Qwen2/Qwen3 files: the same conversion, their own pre-tokenizer.
+            ("llama", "gpt2", "llama-bpe"): (convert_embedded, CONVERTER_VERSION),
+            ("qwen2", "gpt2", "qwen2"): (convert_embedded, CONVERTER_VERSION),
+            ("qwen3", "gpt2", "qwen2"): (convert_embedded, CONVERTER_VERSION),
             ("gemma3", "llama", None): (base_gemma.convert_gemma3, base_gemma.CONVERTER_VERSION)}
 
 
@@ -242,7 +245,9 @@ def convert_embedded(gguf_path: Path, out: Path, record: dict[str, Any] | None =
     replaces manifest entries (``base_gguf``: a user's own file with this tokenizer)."""
     started = time.perf_counter()
     with atomic_dir(out, force=True, what="embedded model cache") as tmp:
-        tok_info = write_tokenizer_from_gguf(gguf_path, tmp)
+        from .base_vocab import write_tokenizer_from_gguf
+
+        tok_info = write_tokenizer_from_gguf(gguf_path, tmp, _gguf_fields(gguf_path))
         params = _write_model_from_gguf(gguf_path, tmp)
         weights = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         make_readable(tmp)
@@ -286,86 +291,23 @@ def _gguf_fields(gguf_path: Path) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if name.startswith("tokenizer.")}
 
 
-def write_tokenizer_from_gguf(gguf_path: Path, out: Path) -> dict[str, Any]:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja from the GGUF vocab.
+@contextlib.contextmanager
+def _qwen3_head_dim():
+    """transformers' GGUF config table reads a Qwen3 file's head size from nothing, so a model
+    whose head_dim is not hidden / heads (Qwen3-0.6B: 128 against 64) fails to load. While the
+    loader runs, the table also maps ``attention.key_length`` to ``head_dim`` (as it does for
+    Gemma 3); it is put back afterwards."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    Built with the ``tokenizers`` library from the GGUF's tokens and merges so that it splits
-    text exactly as llama.cpp does for pre-tokenizer type ``smollm``: llama.cpp runs the regex
-    ``\\p{N}`` (each digit alone) and then the GPT-2 regex; in ``tokenizers`` that is
-    ``Digits(individual_digits=True)`` followed by ``ByteLevel(use_regex=True)``.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    f = _gguf_fields(gguf_path)
-    model_kind, pre = f.get("tokenizer.ggml.model"), f.get("tokenizer.ggml.pre")
-    if model_kind != "gpt2" or pre != "smollm":
-        # Written for this one file; another pre-tokenizer needs its own regex mapping.
-        raise InputError(f"{gguf_path} has tokenizer model {model_kind!r} / pre-tokenizer "
-                         f"{pre!r}; the embedded converter handles only 'gpt2' / 'smollm'")
-    tokens = list(f["tokenizer.ggml.tokens"])
-    types = list(f["tokenizer.ggml.token_type"])
-    merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"]]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise InputError(f"{gguf_path} has duplicate tokens in tokenizer.ggml.tokens")
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
-                               ignore_merges=False))
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    # llama.cpp matches CONTROL and USER_DEFINED tokens in text before BPE (with special=True);
-    # added tokens do the same here. CONTROL ones are special (skipped when decoding).
-    added = [AddedToken(tokens[i], special=(types[i] == _CONTROL), normalized=False,
-                        lstrip=False, rstrip=False, single_word=False)
-             for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)]
-    tok.add_tokens(added)
-
-    def token_of(key: str) -> str | None:
-        idx = f.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(idx)] if idx is not None else None
-
-    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False))
-    if add_bos or add_eos:
-        # SmolLM2 adds neither; a template processor would be needed otherwise.
-        raise InputError(f"{gguf_path} asks for add_bos/add_eos; the converter does not "
-                         "handle that")
-    chat_template = f.get("tokenizer.chat_template")
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=token_of("bos"), eos_token=token_of("eos"), unk_token=token_of("unknown"),
-        pad_token=token_of("padding"), model_max_length=8192, clean_up_tokenization_spaces=False,
-        add_prefix_space=False,
-    )
-    if chat_template:
-        hf.chat_template = chat_template
-    hf.save_pretrained(out)
-    # transformers 5 records the generic "TokenizersBackend" class, which loads tokenizer.json
-    # as written. Do not change it to "GPT2Tokenizer": that class rebuilds a plain GPT-2
-    # pre-tokenizer and silently loses the digit split. Reload to prove the file round-trips.
-    from transformers import AutoTokenizer
-
-    reloaded = AutoTokenizer.from_pretrained(out).backend_tokenizer
-    if json.loads(reloaded.to_str())["pre_tokenizer"] != json.loads(tok.to_str())["pre_tokenizer"]:
-        raise InputError(f"the tokenizer written to {out} does not reload with the smollm "
-                         "pre-tokenizer (transformers changed it); cannot convert")
-    return {
-        "source": "gguf",
-        "pre_tokenizer": pre,
-        "vocab_size": len(tokens),
-        "num_merges": len(merges),
-        "special_tokens": [t.content for t in added if t.special],
-        "bos_token": token_of("bos"), "eos_token": token_of("eos"),
-        "pad_token": token_of("padding"), "unk_token": token_of("unknown"),
-        "add_bos_token": add_bos, "add_eos_token": add_eos,
-        "chat_template": bool(chat_template),
-    }
+    table = GGUF_CONFIG_MAPPING.get("qwen3")
+    if table is None or "attention.key_length" in table:
+        yield
+        return
+    table["attention.key_length"] = "head_dim"
+    try:
+        yield
+    finally:
+        table.pop("attention.key_length", None)
 
 
 def _write_model_from_gguf(gguf_path: Path, out: Path) -> int:
@@ -378,8 +320,14 @@ def _write_model_from_gguf(gguf_path: Path, out: Path) -> int:
                                      f"transformers ({exc}): pip install 'edgeqlora[train]'"
                                      ) from None
 
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    try:
+        with _qwen3_head_dim():
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except (RuntimeError, ValueError, KeyError) as exc:  # a shape or key the loader cannot map
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise InputError(f"transformers could not rebuild the model in {gguf_path.name} "
+                         f"({first}); pass the model's Hugging Face directory instead") from None
     # transformers marks a GGUF-loaded model as "quantized with gguf" and refuses to save it,
     # although its weights are plain dequantized fp32 tensors. Drop that marker so the saved
     # config.json is an ordinary checkpoint config (no leftover quantization_config).

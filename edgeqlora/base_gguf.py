@@ -5,8 +5,9 @@ Hugging Face checkpoint under ``$EDGEQLORA_HOME/models/gguf-<name>-<key>/`` (loc
 directory, manifest with sha256s: ``base_cache``), by the converter of the embedded model whose
 tokenizer it shares, so its tokenizer splits text as llama.cpp does:
 
-- Llama-architecture files with a GPT-2-style BPE vocabulary and the ``smollm`` pre-tokenizer
-  (SmolLM2 and its fine-tunes): ``base.convert_embedded``;
+- files with a GPT-2-style BPE vocabulary: Llama-architecture ones with the ``smollm``
+  pre-tokenizer (SmolLM2 and its fine-tunes) or ``llama-bpe`` (Llama 3), Qwen2 and Qwen3 ones
+  with ``qwen2``: ``base.convert_embedded``, which rebuilds each pre-tokenizer's split;
 - Gemma 3 files (SentencePiece vocabulary): ``base_gemma.convert_gemma3``
 
 (the table is ``base.gguf_converters``, passed in: this module imports neither).
@@ -60,6 +61,20 @@ def _header(path: Path) -> dict[str, Any]:
             if not k.endswith((".tokens", ".scores", ".token_type", ".merges"))}
 
 
+def _check_rope(path: Path, fields: dict[str, Any]) -> None:
+    """Refuse a file whose RoPE scaling lives in a ``rope_freqs`` tensor (Llama 3.1 and later):
+    llama.cpp's converter keeps only the per-frequency factors, not the config transformers
+    builds its RoPE from, so the checkpoint would rotate positions otherwise than the device."""
+    from .runtimes.gguf_header import read_gguf_header
+
+    _, tensors = read_gguf_header(path)
+    if any(t.name == "rope_freqs.weight" for t in tensors):
+        raise InputError(f"base model {path}: a {fields.get('general.architecture')} GGUF whose "
+                         "RoPE scaling is a rope_freqs tensor (Llama 3.1 and later) cannot be "
+                         "converted to a checkpoint with the same RoPE; pass the model's Hugging "
+                         "Face directory instead")
+
+
 def converter_for(fields: dict[str, Any], path: Path, converters: dict[tuple, Any]):
     """(convert function, converter version) for this file from ``converters`` (keyed by
     (architecture, tokenizer model, pre-tokenizer or None for any); ``base`` passes its
@@ -71,9 +86,9 @@ def converter_for(fields: dict[str, Any], path: Path, converters: dict[tuple, An
             return converter
     raise InputError(f"base model {path}: a {arch} GGUF with a {model!r} tokenizer (pre-tokenizer "
                      f"{pre!r}) cannot be converted to a checkpoint whose tokenizer is known to "
-                     "match llama.cpp's; supported GGUF bases: llama with the smollm BPE "
-                     "tokenizer (SmolLM2), gemma3. Pass the model's Hugging Face directory "
-                     "instead")
+                     "match llama.cpp's; supported GGUF bases: llama with the smollm "
+                     "(SmolLM2) or llama-bpe (Llama 3) BPE tokenizer, qwen2 and qwen3 with the "
+                     "qwen2 one, gemma3. Pass the model's Hugging Face directory instead")
 
 
 def ensure_gguf_base(path: Path, converters: dict[tuple, Any]) -> Path:
@@ -81,6 +96,7 @@ def ensure_gguf_base(path: Path, converters: dict[tuple, Any]) -> Path:
     path = Path(path).resolve()
     fields = _header(path)
     convert, version = converter_for(fields, path, converters)
+    _check_rope(path, fields)
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     out = models_dir() / f"gguf-{_slug(path.stem)}-{key[:12]}"
@@ -96,6 +112,7 @@ def ensure_gguf_base(path: Path, converters: dict[tuple, Any]) -> Path:
 
         name = fields.get("general.name") or path.stem
         record = {"id": str(path), "name": name, "license": fields.get("general.license"),
+                  "model_type": fields.get("general.architecture"),
                   "source": {"file": str(path), "sha256": sha256_file(path),
                              "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
         return convert(path, out, record)
@@ -129,10 +146,15 @@ def tokenizer_mismatch(gguf_path: Path, model_dir: Path) -> str | None:
             want = theirs.tokenize(text.encode("utf-8"), add_bos=False, special=True)
             if _ids(ours, text) != want:
                 return text
+        # With the file's own special tokens (llama.cpp adds a BOS where the file says so).
+        for text in PROBES[:2]:
+            want = theirs.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            if _ids(ours, text, special=True) != want:
+                return f"{text} (with the special tokens added)"
     finally:
         theirs.close()
     return None
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False).ids)
+def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=special).ids)

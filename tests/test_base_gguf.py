@@ -4,6 +4,8 @@ in one line before any work."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from conftest import build_tiny_model, has_module
@@ -63,12 +65,92 @@ def test_a_gguf_file_becomes_the_same_model(llama_gguf):
 
 def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused(home, tokenizer_dir):
     _, path = _gguf(home, tokenizer_dir, arch="qwen2")
-    with pytest.raises(InputError, match=r"a qwen2 GGUF with a 'gpt2' tokenizer.*supported GGUF "
-                                         r"bases: llama with the smollm BPE") as err:
+    with pytest.raises(InputError, match=r"a qwen2 GGUF with a 'gpt2' tokenizer \(pre-tokenizer "
+                                         r"'smollm'\).*supported GGUF bases: llama with the "
+                                         r"smollm \(SmolLM2\) or llama-bpe") as err:
         resolve_base(str(path))
     assert "\n" not in str(err.value)
     assert not any(p.name.startswith("gguf-tiny-qwen2") for p in
                    (home / "home" / "models").glob("*"))
+
+
+def _gguf_with_pre(tmp_path, tokenizer_dir, monkeypatch, arch: str, pre: str,
+                   add_bos: bool = False):
+    """A tiny ``arch`` GGUF whose vocabulary (SmolLM2's) is labelled with llama.cpp's ``pre``
+    pre-tokenizer (and, with ``add_bos``, asks for a BOS): llama.cpp then splits its text with
+    that pre-tokenizer's regex, which the converted tokenizer must reproduce."""
+    from edgeqlora.exporters.gguf import metadata
+
+    with monkeypatch.context() as mp:
+        mp.setattr(metadata, "pre_tokenizer_name", lambda tok: pre)
+        if add_bos:
+            mp.setattr(metadata, "adds_bos", lambda tok, cfg: True)
+        return _gguf(tmp_path / pre, tokenizer_dir, arch=arch)
+
+
+@pytest.mark.parametrize("arch, pre, add_bos", [("qwen2", "qwen2", False),
+                                                ("qwen3", "qwen2", False),
+                                                ("llama", "llama-bpe", True)])
+def test_qwen_and_llama3_pre_tokenizers_are_rebuilt(home, tokenizer_dir, monkeypatch, arch, pre,
+                                                    add_bos):
+    """Qwen2/Qwen3 (``qwen2``) and Llama 3 (``llama-bpe``, BOS added) GGUFs become checkpoints
+    with the same weights whose tokenizer splits every probe as llama.cpp does on the file, BOS
+    rule included; the same vocabulary under SmolLM2's own pre-tokenizer splits some probes
+    otherwise, so the rebuilt regex is what makes them agree."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from edgeqlora.artifacts import read_json
+
+    (home / pre).mkdir(exist_ok=True)
+    src, path = _gguf_with_pre(home, tokenizer_dir, monkeypatch, arch, pre, add_bos)
+    out = resolve_base(str(path))
+    want, got = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(got) <= set(want) and len(got) >= len(want) - 1
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name].float()), name
+    manifest = read_json(out / "manifest.json")
+    assert manifest["model_type"] == arch and manifest["tokenizer"]["pre_tokenizer"] == pre
+    assert json.loads((out / "config.json").read_text())["model_type"] == arch
+    assert base_gguf.tokenizer_mismatch(path, out) is None
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    smollm = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert any(base_gguf._ids(ours, t) != base_gguf._ids(smollm, t) for t in base_gguf.PROBES)
+    ids = ours.encode("lamp on").ids
+    bos = ours.token_to_id(manifest["tokenizer"]["bos_token"])
+    plain = smollm.encode("lamp on", add_special_tokens=False).ids
+    assert ids == ([bos, *plain] if add_bos else plain)
+    shutil.rmtree(out)  # the module's last test expects no other conversion in its cache
+
+
+def test_a_model_transformers_cannot_rebuild_is_one_line_and_nothing_kept(home, tokenizer_dir,
+                                                                          monkeypatch):
+    """Without the Qwen3 head-size mapping transformers' loader meets q_proj shapes it did not
+    expect (head_dim 32 here, not hidden / heads): one line naming the file, no cache left."""
+    import contextlib
+
+    from edgeqlora import base
+
+    (home / "nohead").mkdir(exist_ok=True)
+    _, path = _gguf_with_pre(home / "nohead", tokenizer_dir, monkeypatch, "qwen3", "qwen2")
+    monkeypatch.setattr(base, "_qwen3_head_dim", contextlib.nullcontext)
+    with pytest.raises(InputError, match=r"transformers could not rebuild the model in "
+                                         r"tiny-qwen3\.f32\.gguf") as err:
+        resolve_base(str(path))
+    assert "\n" not in str(err.value)
+    assert not any(p.name.startswith("gguf-tiny-qwen3") for p in
+                   (home / "home" / "models").glob("*"))
+
+
+def test_a_gguf_with_rope_freqs_is_refused(home, tokenizer_dir, monkeypatch):
+    (home / "rope").mkdir(exist_ok=True)
+    _, path = _gguf_with_pre(home / "rope", tokenizer_dir, monkeypatch, "llama3", "llama-bpe")
+    with pytest.raises(InputError, match="RoPE scaling is a rope_freqs tensor") as err:
+        resolve_base(str(path))
+    assert "\n" not in str(err.value)
 
 
 def test_a_file_that_is_not_gguf_is_one_line(home):
@@ -86,8 +168,8 @@ def test_a_tokenizer_that_splits_differently_is_refused_and_removed(home, llama_
     conversion too), and the converted directory is gone."""
     real = base_gguf._ids
     _, path = llama_gguf
-    monkeypatch.setattr(base_gguf, "_ids", lambda tok, text: real(tok, text)
-                        + ([0] if "12345678" in text else []))
+    monkeypatch.setattr(base_gguf, "_ids", lambda tok, text, special=False:
+                        real(tok, text, special) + ([0] if "12345678" in text else []))
     with pytest.raises(InputError, match=r"splits '  0\.  12345678.*differently from llama\.cpp"):
         resolve_base(str(path))
     assert not any(p.name.startswith("gguf-") for p in (home / "home" / "models").iterdir())
