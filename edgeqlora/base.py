@@ -264,7 +264,7 @@ def convert_embedded(gguf_path: Path, out: Path, record: dict[str, Any] | None =
                 "mtime_ns": stat.st_mtime_ns,
             },
             "dtype": "float32",
-            "model_type": "llama",
+            "model_type": json.loads((tmp / "config.json").read_text())["model_type"],
             "num_parameters": params,
             "weights": weights,
             "weights_sha256": _combined_sha(weights),

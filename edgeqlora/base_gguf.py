@@ -112,7 +112,6 @@ def ensure_gguf_base(path: Path, converters: dict[tuple, Any]) -> Path:
 
         name = fields.get("general.name") or path.stem
         record = {"id": str(path), "name": name, "license": fields.get("general.license"),
-                  "model_type": fields.get("general.architecture"),
                   "source": {"file": str(path), "sha256": sha256_file(path),
                              "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
         return convert(path, out, record)
