@@ -746,7 +746,7 @@ def test_serve_request_past_its_time_budget_is_a_504_and_frees_the_runtime():
     status, raw = _asgi_post(app, body, JSON)
     assert status == 504 and "--request-timeout" in json.loads(raw)["error"]["message"]
     assert time.monotonic() - start < 5
-    assert rt.stopped.wait(5) and rt.pieces < 1000
+    assert _stopped_or_never_started(rt)
     assert not app.state.edgeqlora.lock.locked()
     # Streaming: the headers are sent, so the error comes in-band, then [DONE].
     rt2 = _SlowRuntime()
@@ -756,7 +756,16 @@ def test_serve_request_past_its_time_budget_is_a_504_and_frees_the_runtime():
     status, raw = _asgi_post(app, stream, JSON)
     text = raw.decode()
     assert status == 200 and "--request-timeout" in text and text.endswith("data: [DONE]\n\n")
-    assert rt2.stopped.wait(5) and rt2.pieces < 1000
+    assert _stopped_or_never_started(rt2)
+
+
+def _stopped_or_never_started(rt) -> bool:
+    """The runtime stopped at its next piece after the deadline, long before its 2,000; or, on
+    a loaded machine whose worker thread only got going after the 0.4 s deadline, the worker
+    saw the cancel and never started it (pieces 0, nothing to stop)."""
+    if rt.stopped.wait(5):
+        return rt.pieces < 1000
+    return rt.pieces == 0
 
 
 class _LongPromptRuntime(_SlowRuntime):
