@@ -56,8 +56,6 @@ EMBEDDED_MODELS = {"smollm2": EMBEDDED_NAME, "gemma3-270m": "google/gemma-3-270m
 # Bump when the conversion changes: caches written by an older converter are rebuilt.
 CONVERTER_VERSION = 1
 
-# GGUF token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, BYTE=6.
-
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -48,26 +48,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "model"
 
 
-def _header(path: Path) -> dict[str, Any]:
+def _header(path: Path) -> tuple[dict[str, Any], list]:
     """The file's metadata less the vocabulary arrays (the fast header reader skips them; gguf's
-    GGUFReader spends seconds on a 49k-entry vocabulary, which the converters read themselves)."""
+    GGUFReader spends seconds on a 49k-entry vocabulary, which the converters read themselves),
+    and its tensor table."""
     from .runtimes.gguf_header import read_gguf_header
 
     try:
-        fields, _ = read_gguf_header(path)
+        fields, tensors = read_gguf_header(path)
     except InputError as exc:
         raise InputError(f"base model {path} is not a readable GGUF file ({exc})") from None
     return {k: v for k, v in fields.items()
-            if not k.endswith((".tokens", ".scores", ".token_type", ".merges"))}
+            if not k.endswith((".tokens", ".scores", ".token_type", ".merges"))}, tensors
 
 
-def _check_rope(path: Path, fields: dict[str, Any]) -> None:
+def _check_rope(path: Path, fields: dict[str, Any], tensors: list) -> None:
     """Refuse a file whose RoPE scaling lives in a ``rope_freqs`` tensor (Llama 3.1 and later):
     llama.cpp's converter keeps only the per-frequency factors, not the config transformers
     builds its RoPE from, so the checkpoint would rotate positions otherwise than the device."""
-    from .runtimes.gguf_header import read_gguf_header
-
-    _, tensors = read_gguf_header(path)
     if any(t.name == "rope_freqs.weight" for t in tensors):
         raise InputError(f"base model {path}: a {fields.get('general.architecture')} GGUF whose "
                          "RoPE scaling is a rope_freqs tensor (Llama 3.1 and later) cannot be "
@@ -94,9 +92,9 @@ def converter_for(fields: dict[str, Any], path: Path, converters: dict[tuple, An
 def ensure_gguf_base(path: Path, converters: dict[tuple, Any]) -> Path:
     """Directory of the checkpoint converted from the GGUF ``path``, converting it once."""
     path = Path(path).resolve()
-    fields = _header(path)
+    fields, tensors = _header(path)
     convert, version = converter_for(fields, path, converters)
-    _check_rope(path, fields)
+    _check_rope(path, fields, tensors)
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     out = models_dir() / f"gguf-{_slug(path.stem)}-{key[:12]}"

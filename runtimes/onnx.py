@@ -48,8 +48,9 @@ def _bytes_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _is_byte_level(spec: Mapping[str, Any]) -> bool:
-    dec = spec.get("decoder") or {}
+def _is_byte_level(dec: Mapping[str, Any] | None) -> bool:
+    """Whether a tokenizer's decoder (its tokenizer.json entry) maps bytes to unicode."""
+    dec = dec or {}
     kinds = [dec.get("type")] + [d.get("type") for d in dec.get("decoders") or []]
     return "ByteLevel" in kinds
 
@@ -133,12 +134,11 @@ class ONNXRuntime(Runtime):
             self._tok = tokenizers.Tokenizer.from_file(str(tok_path))
             # From the parsed tokenizer, not a second parse of the file (~0.1 s for 49k tokens).
             decoder = self._tok.decoder
-            spec = {"decoder": json.loads(decoder.__getstate__()) if decoder is not None
-                    else None}
+            decoder = json.loads(decoder.__getstate__()) if decoder is not None else None
         except Exception as exc:
             raise InputError(f"{tok_path} cannot be read by the tokenizers library "
                              f"({exc})") from None
-        self._byte_level = _is_byte_level(spec)
+        self._byte_level = _is_byte_level(decoder)
         self._byte_table = _bytes_decoder() if self._byte_level else {}
         self._special_ids = {int(i) for i, t in self._tok.get_added_tokens_decoder().items()
                              if t.special}
