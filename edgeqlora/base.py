@@ -308,6 +308,41 @@ def _qwen3_head_dim():
         table.pop("attention.key_length", None)
 
 
+# The GGUF's vocabulary arrays: transformers' loader parses every entry in Python and uses them
+# only to count the tokens when the file has no ``<arch>.vocab_size``.
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                 "tokenizer.ggml.merges")
+
+
+@contextlib.contextmanager
+def _one_reader():
+    """transformers' GGUF loader opens a new ``gguf.GGUFReader`` for the config and again for the
+    tensors, and walks the vocabulary arrays each time (half of a tiny model's conversion).
+    While the loader runs, ``gguf.GGUFReader`` hands out one reader per file with those arrays
+    dropped (the token list stays where only it gives the vocabulary size); it is put back
+    afterwards. The tokenizer is built from the header elsewhere (``_gguf_fields``)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            reader = original(path, mode)
+            counted = any(name.endswith(".vocab_size") for name in reader.fields)
+            for name in _VOCAB_ARRAYS[1:] if not counted else _VOCAB_ARRAYS:
+                reader.fields.pop(name, None)
+            readers[key] = reader
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _write_model_from_gguf(gguf_path: Path, out: Path) -> int:
     """Dequantize the GGUF into float32 safetensors with transformers' GGUF loader."""
     try:
@@ -319,7 +354,7 @@ def _write_model_from_gguf(gguf_path: Path, out: Path) -> int:
                                      ) from None
 
     try:
-        with _qwen3_head_dim():
+        with _qwen3_head_dim(), _one_reader():
             model = AutoModelForCausalLM.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     except (RuntimeError, ValueError, KeyError) as exc:  # a shape or key the loader cannot map

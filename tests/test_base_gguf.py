@@ -63,6 +63,41 @@ def test_a_gguf_file_becomes_the_same_model(llama_gguf):
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # not converted again
 
 
+def test_a_gguf_is_parsed_once_and_without_vocab_size_counts_its_tokens(home, tokenizer_dir,
+                                                                        monkeypatch):
+    """transformers' loader reads the file for the config and again for the tensors: one
+    ``GGUFReader`` serves both, and ``gguf.GGUFReader`` is itself again afterwards. A file with
+    no ``llama.vocab_size`` keeps its token list, which then gives the vocabulary size."""
+    import json
+
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    from edgeqlora import base
+
+    (home / "novocab").mkdir(exist_ok=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf.GGUFWriter, "add_vocab_size", lambda self, n: None)
+        src, path = _gguf(home / "novocab", tokenizer_dir)
+    original, opened = gguf.GGUFReader, []
+
+    def counting(*args, **kwargs):
+        opened.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    out = home / "novocab" / "converted"
+    base._write_model_from_gguf(path, out)
+    assert len(opened) == 1 and gguf.GGUFReader is counting
+    assert "llama.vocab_size" not in original(path).fields
+    want, got = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name].float()), name
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab
+
+
 def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused(home, tokenizer_dir):
     _, path = _gguf(home, tokenizer_dir, arch="qwen2")
     with pytest.raises(InputError, match=r"a qwen2 GGUF with a 'gpt2' tokenizer \(pre-tokenizer "
