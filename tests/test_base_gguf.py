@@ -28,7 +28,13 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_gguf(home, tokenizer_dir):
-    return _gguf(home, tokenizer_dir)
+    """The tiny Llama as an older converter wrote it: no ``llama.vocab_size`` (the token list
+    gives the size); the other modules' files have one."""
+    import gguf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf.GGUFWriter, "add_vocab_size", lambda self, n: None)
+        return _gguf(home, tokenizer_dir)
 
 
 def _gguf(tmp_path, tokenizer_dir, arch="llama"):
@@ -40,16 +46,31 @@ def _gguf(tmp_path, tokenizer_dir, arch="llama"):
     return src, path
 
 
-def test_a_gguf_file_becomes_the_same_model(llama_gguf):
+def test_a_gguf_file_becomes_the_same_model(llama_gguf, monkeypatch):
     """F32 GGUF of a tiny Llama with SmolLM2's tokenizer -> checkpoint: every weight equal to
-    the model the file was written from, the tokenizer llama.cpp's, cached on the second use."""
+    the model the file was written from (its vocabulary size counted from the token list), the
+    tokenizer llama.cpp's, cached on the second use. transformers' loader reads the file for the
+    config and again for the tensors: one ``GGUFReader`` serves both, and ``gguf.GGUFReader`` is
+    itself again afterwards."""
+    import gguf
     import torch
     from safetensors.torch import load_file
 
     from edgeqlora.artifacts import read_json
 
     src, path = llama_gguf
+    original, opened = gguf.GGUFReader, []
+
+    def counting(*args, **kwargs):
+        opened.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    assert "llama.vocab_size" not in original(path).fields
     out = resolve_base(str(path))
+    assert len(opened) == 1 and gguf.GGUFReader is counting
+    vocab = read_json(src / "config.json")["vocab_size"]
+    assert read_json(out / "config.json")["vocab_size"] == vocab
     assert out.parent.name == "models" and out.name.startswith("gguf-tiny-llama.f32-")
     want, got = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(got) == set(want) - {"lm_head.weight"} or set(got) == set(want)
@@ -61,41 +82,6 @@ def test_a_gguf_file_becomes_the_same_model(llama_gguf):
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert resolve_base(str(path)) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # not converted again
-
-
-def test_a_gguf_is_parsed_once_and_without_vocab_size_counts_its_tokens(home, tokenizer_dir,
-                                                                        monkeypatch):
-    """transformers' loader reads the file for the config and again for the tensors: one
-    ``GGUFReader`` serves both, and ``gguf.GGUFReader`` is itself again afterwards. A file with
-    no ``llama.vocab_size`` keeps its token list, which then gives the vocabulary size."""
-    import json
-
-    import gguf
-    import torch
-    from safetensors.torch import load_file
-
-    from edgeqlora import base
-
-    (home / "novocab").mkdir(exist_ok=True)
-    with monkeypatch.context() as mp:
-        mp.setattr(gguf.GGUFWriter, "add_vocab_size", lambda self, n: None)
-        src, path = _gguf(home / "novocab", tokenizer_dir)
-    original, opened = gguf.GGUFReader, []
-
-    def counting(*args, **kwargs):
-        opened.append(args[0])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(gguf, "GGUFReader", counting)
-    out = home / "novocab" / "converted"
-    base._write_model_from_gguf(path, out)
-    assert len(opened) == 1 and gguf.GGUFReader is counting
-    assert "llama.vocab_size" not in original(path).fields
-    want, got = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
-    for name, tensor in got.items():
-        assert torch.equal(tensor, want[name].float()), name
-    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab
 
 
 def test_a_gguf_whose_tokenizer_cannot_be_rebuilt_is_refused(home, tokenizer_dir):
