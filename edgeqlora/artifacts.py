@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import InputError, ManifestError
 
@@ -45,10 +45,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def tokenizer_digest(directory: str | Path) -> str:
+def tokenizer_digest(directory: str | Path,
+                     config_keys: Callable[[str], bool] | None = None) -> str:
     """sha256 of what makes a directory's tokenizer: its tokenizer files, extra chat templates
     and config.json (transformers picks the tokenizer class from it). The key of the caches that
-    load or convert a tokenizer once per content (the export stage, the GGUF vocabulary)."""
+    load or convert a tokenizer once per content (the export stage, the GGUF vocabulary). A
+    reader that takes only some of config.json's top-level keys passes them as ``config_keys``:
+    then only those keys count (the other models of one tokenizer share its entry)."""
     root = Path(directory)
     names = [*SHIPPED_TOKENIZER_FILES, "config.json",
              *(p.relative_to(root).as_posix()
@@ -57,8 +60,22 @@ def tokenizer_digest(directory: str | Path) -> str:
     for name in names:
         path = root / name
         if path.is_file():
-            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+            data = path.read_bytes()
+            if name == "config.json" and config_keys is not None:
+                data = _config_subset(data, config_keys)
+            h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return h.hexdigest()
+
+
+def _config_subset(data: bytes, keep: Callable[[str], bool]) -> bytes:
+    try:
+        config = json.loads(data)
+    except ValueError:
+        return data  # unreadable: the whole file counts, and its reader says what is wrong
+    if not isinstance(config, dict):
+        return data
+    subset = {k: v for k, v in config.items() if keep(k)}
+    return json.dumps(subset, sort_keys=True).encode()
 
 
 def file_table(directory: str | Path) -> dict[str, dict[str, Any]]:

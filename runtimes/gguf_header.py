@@ -67,12 +67,32 @@ def read_gguf_header(path: str | Path, error: type[Exception] = InputError,
         except ValueError:  # empty file
             raise error(f"{path} is empty, not a GGUF file") from None
     pos = 0
+    structs: dict[str, struct.Struct] = {}
+    u64 = struct.Struct("<Q").unpack_from
 
     def take(fmt: str):
         nonlocal pos
-        value = struct.unpack_from("<" + fmt, buf, pos)
-        pos += struct.calcsize("<" + fmt)
+        packed = structs.get(fmt) or structs.setdefault(fmt, struct.Struct("<" + fmt))
+        value = packed.unpack_from(buf, pos)
+        pos += packed.size
         return value[0] if len(value) == 1 else value
+
+    def strings(count: int) -> list[str]:
+        """A whole array of strings in one loop (the 49k tokens and merges: half the time of
+        a value() call per entry)."""
+        nonlocal pos
+        out, at = [], pos
+        append = out.append
+        for _ in range(count):
+            n = u64(buf, at)[0]
+            at += 8
+            raw = buf[at:at + n]
+            if len(raw) != n:
+                raise struct.error("string runs past the end of the file")
+            at += n
+            append(raw.decode("utf-8", errors="replace"))
+        pos = at
+        return out
 
     def string() -> str:
         nonlocal pos
@@ -103,15 +123,16 @@ def read_gguf_header(path: str | Path, error: type[Exception] = InputError,
                 if itype in _SCALARS:
                     pos += count * struct.calcsize("<" + _SCALARS[itype])
                 elif itype == _STRING:  # the token strings: lengths only, in a tight loop
-                    unpack = struct.Struct("<Q").unpack_from
                     for _ in range(count):
-                        pos += 8 + unpack(buf, pos)[0]
+                        pos += 8 + u64(buf, pos)[0]
                     if pos > len(buf):
                         raise struct.error("array runs past the end of the file")
                 else:
                     for _ in range(count):
                         value(itype)
                 return _Skipped(count)
+            if itype == _STRING:
+                return strings(count)
             return [value(itype) for _ in range(count)]
         raise struct.error(f"unknown metadata value type {vtype}")
 

@@ -64,3 +64,39 @@ def test_gguf_bytes_are_the_pre_redesign_bytes(seeded, tmp_path, quant):
     info = G.write_export(seeded, tmp_path, quant)
     digest = hashlib.sha256((tmp_path / info["model_file"]).read_bytes()).hexdigest()
     assert digest == DIGESTS[quant]
+
+
+def test_long_arrays_packed_once_and_again_when_changed(tmp_path):
+    """The writer keeps a long metadata array's bytes per list: the same list again gives the
+    same file as gguf's own writer without packing it again, a list changed in place (or an
+    equal new one) is packed from what it holds now."""
+    import gguf
+
+    from edgeqlora.exporters.gguf import common
+
+    tokens = [f"tok{i}\u2581" for i in range(5000)]
+    scores = [float(i) / 3 for i in range(5000)]
+
+    def write(path, writer_class, values):
+        w = writer_class(path, "llama")
+        w.add_token_list(values)
+        w.add_token_scores(scores)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return path.read_bytes()
+
+    def ours(path, arch):
+        return common.gguf_writer(path, arch)
+
+    common._packed.clear()
+    reference = write(tmp_path / "ref.gguf", gguf.GGUFWriter, tokens)
+    assert write(tmp_path / "a.gguf", ours, tokens) == reference
+    assert {id(tokens), id(scores)} <= set(common._packed)
+    packed = common._packed[id(tokens)][2]
+    assert write(tmp_path / "b.gguf", ours, tokens) == reference
+    assert common._packed[id(tokens)][2] is packed  # the kept bytes, not packed again
+    tokens[7] = "changed"
+    changed = write(tmp_path / "c.gguf", ours, tokens)
+    assert changed == write(tmp_path / "ref-c.gguf", gguf.GGUFWriter, tokens) != reference
+    assert write(tmp_path / "d.gguf", ours, list(tokens)) == changed

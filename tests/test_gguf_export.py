@@ -218,6 +218,21 @@ def test_vocabulary_kept_per_tokenizer_content(tmp_path, tokenizer_dir):
     assert len(M._vocab_calls) == 2
     assert read_gguf(tmp_path / "changed.gguf")[0]["tokenizer.chat_template"] == \
         "{{ messages[0]['content'] }}"
+    # Another model of the same tokenizer (config.json differs, not in a special id): replayed,
+    # the bytes of a fresh conversion; a special id in config.json (SpecialVocab reads those)
+    # is another vocabulary.
+    other = build_tiny_model(tmp_path / "other", tokenizer_dir, layers=1, hidden=96, heads=3,
+                             kv_heads=1)
+    G.write_model_gguf(other, tmp_path / "other.gguf", "f32")
+    assert len(M._vocab_calls) == 2
+    M._vocab_calls.clear()
+    G.write_model_gguf(other, tmp_path / "other-fresh.gguf", "f32")
+    assert (tmp_path / "other.gguf").read_bytes() == (tmp_path / "other-fresh.gguf").read_bytes()
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "mask_token_id": 7}))
+    G.write_model_gguf(other, tmp_path / "masked.gguf", "f32")
+    assert len(M._vocab_calls) == 2
+    assert read_gguf(tmp_path / "masked.gguf")[0]["tokenizer.ggml.mask_token_id"] == 7
 
 
 def test_tokenizer_files_are_the_merge_stages():

@@ -77,12 +77,21 @@ def disk_full(path: Path) -> bool:
         return False
 
 
+# Packed long arrays by id() of the list given: (a copy of it, its element type, the bytes).
+# The vocabulary's writer calls are replayed with the same lists (metadata.add_vocab), so the
+# next GGUF of the same tokenizer reuses the bytes; the copy guards against a list changed in
+# place or an id reused.
+_packed: dict[int, tuple[list, int, bytes]] = {}
+_PACKED_MIN, _PACKED_KEEP = 4096, 8
+
+
 def gguf_writer(path, arch_name: str):
     """A ``gguf.GGUFWriter`` whose metadata arrays (the vocabulary's 49k tokens, types and
-    merges) are packed in one go: gguf packs them element by element through a generic
-    function (~0.2 s a file, paid for every GGUF written or predicted). Hand-written because
-    gguf has no faster path; the bytes are gguf's own (tests/test_export_bytes.py pins whole
-    files), and anything but a plain little-endian list of strings or numbers goes to gguf."""
+    merges) are packed in one go, and long ones once per content: gguf packs them element by
+    element through a generic function (~0.2 s a file, paid for every GGUF written or
+    predicted). Hand-written because gguf has no faster path; the bytes are gguf's own
+    (tests/test_export_bytes.py pins whole files), and anything but a plain little-endian list
+    of strings or numbers goes to gguf."""
     import struct
 
     import gguf
@@ -94,18 +103,31 @@ def gguf_writer(path, arch_name: str):
             if vtype != T.ARRAY or not isinstance(val, list) or not val or \
                     self.endianess != gguf.GGUFEndian.LITTLE:
                 return super()._pack_val(val, vtype, add_vtype, sub_type)
-            first = type(val[0])
             kind = sub_type if sub_type is not None else T.get_type(val[0])
+            body = self._pack_list(val, kind)
+            if body is None:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
             head = struct.pack("<I", vtype) if add_vtype else b""
+            return head + struct.pack("<IQ", kind, len(val)) + body
+
+        def _pack_list(self, val: list, kind) -> bytes | None:
+            kept = _packed.get(id(val))
+            if kept is not None and kept[1] == kind and kept[0] == val:
+                return kept[2]
+            first = type(val[0])
             if kind == T.STRING and all(type(v) is str for v in val):
                 data = [v.encode("utf-8") for v in val]
-                body = b"".join(struct.pack("<Q", len(d)) + d for d in data)
+                body = b"".join([b for d in data for b in (len(d).to_bytes(8, "little"), d)])
             elif kind in (T.INT32, T.FLOAT32) and first is not bool and \
                     all(type(v) is first for v in val):
                 body = struct.pack(f"<{len(val)}{self._simple_value_packing[kind]}", *val)
             else:
-                return super()._pack_val(val, vtype, add_vtype, sub_type)
-            return head + struct.pack("<IQ", kind, len(val)) + body
+                return None
+            if len(val) >= _PACKED_MIN:
+                while len(_packed) >= _PACKED_KEEP:
+                    _packed.pop(next(iter(_packed)))
+                _packed[id(val)] = (list(val), kind, body)
+            return body
 
     return _Writer(path, arch_name)
 

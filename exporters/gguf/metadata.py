@@ -421,13 +421,19 @@ class _Recorder:
         return call
 
 
+def _special_id_key(key: str) -> bool:
+    """The config.json keys gguf's ``SpecialVocab`` reads: ``<type>_token_id`` and, for a
+    multimodal config, ``text_config``'s. Nothing else there changes the vocabulary."""
+    return key.endswith("_token_id") or key == "text_config"
+
+
 def _vocab_key(model_dir: Path, vocab_size: int) -> tuple:
     from edgeqlora.artifacts import tokenizer_digest
 
     # The functions that compute the entries are part of the key (a test that replaces one
     # must not get another's answer).
-    return (tokenizer_digest(model_dir), vocab_size, load_tokenizer, pre_tokenizer_name,
-            vocab_entries)
+    return (tokenizer_digest(model_dir, _special_id_key), vocab_size, load_tokenizer,
+            pre_tokenizer_name, vocab_entries)
 
 
 def add_vocab(w, model_dir: Path, vocab_size: int) -> dict[str, Any]:
