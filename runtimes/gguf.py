@@ -60,6 +60,19 @@ def _llama_cpp():
                                      "'edgeqlora[gguf]'") from None
 
 
+def _trained_context(path: Path) -> int | None:
+    """``<arch>.context_length`` from the header (milliseconds: the vocabulary is skipped), or
+    None where the header does not say; llama.cpp's own reading still decides after loading."""
+    from .gguf_header import read_gguf_header
+
+    try:
+        fields, _ = read_gguf_header(path)
+    except (InputError, MissingDependencyError):
+        return None  # llama.cpp reports what is wrong with the file
+    value = fields.get(f"{fields.get('general.architecture')}.context_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class GGUFRuntime(Runtime):
     """A GGUF model in llama.cpp.
 
@@ -89,6 +102,8 @@ class GGUFRuntime(Runtime):
         if self.n_threads < 1:
             raise InputError(f"n_threads={n_threads} must be >= 1")
         requested_ctx = DEFAULT_N_CTX if n_ctx is None else int(n_ctx)
+        if n_ctx is None:  # the default fits the trained context without a second load
+            requested_ctx = min(requested_ctx, _trained_context(self.path) or requested_ctx)
         if requested_ctx < 16:
             raise InputError(f"n_ctx={n_ctx} is too small (need >= 16 tokens)")
         if requested_ctx > MAX_N_CTX:

@@ -241,6 +241,37 @@ def test_bad_paths_and_files(tmp_path, gguf_path):
         runtimes.load(header_only)
 
 
+def test_default_context_is_the_trained_one_in_one_load(tmp_path, tiny_model_dir,
+                                                        monkeypatch):
+    """A model trained on fewer tokens than the default context (the tiny model: 1,024) opens
+    once at its trained context, read from the header; where the header does not say, the
+    runtime still shrinks to llama.cpp's reading, with a second load."""
+    import llama_cpp
+
+    from edgeqlora import runtimes
+    from edgeqlora.exporters.gguf import write_model_gguf
+    from edgeqlora.runtimes import gguf as runtime_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_model_gguf(tiny_model_dir, path, "f32")
+    real, opened = llama_cpp.Llama, []
+
+    def counting(*args, **kwargs):
+        opened.append(kwargs["n_ctx"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp, "Llama", counting)
+    for hint, loads in ((runtime_gguf._trained_context, [1024]),
+                        (lambda path: None, [runtime_gguf.DEFAULT_N_CTX, 1024])):
+        monkeypatch.setattr(runtime_gguf, "_trained_context", hint)
+        opened.clear()
+        rt = runtimes.load(path)
+        try:
+            assert rt.n_ctx == 1024 and opened == loads
+        finally:
+            rt.close()
+
+
 def test_bad_export_dirs(tmp_path, gguf_path):
     from edgeqlora import runtimes
 
