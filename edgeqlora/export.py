@@ -29,8 +29,8 @@ passed. The output may not be, contain or lie inside the adapter or its base; th
 work siblings a killed export left beside ``out_dir`` are removed first.
 
 With ``device`` the quant is chosen for that device (``edgeqlora.export_device``): every
-candidate is predicted, those that fit are tried from one merge, best first, and only the first
-that passes verification, the fit of its real files and the gate is kept.
+candidate is predicted, those that fit are tried from one merge and one trace, best first, and
+only the first that passes verification, the fit of its real files and the gate is kept.
 
 ``export_merged(model_dir, out_dir, target=...)`` exports an already merged checkpoint (the
 output of ``edgeqlora merge`` or any supported local checkpoint), verified against itself.
@@ -38,6 +38,7 @@ output of ``edgeqlora merge`` or any supported local checkpoint), verified again
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -248,23 +249,25 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, target: str | N
         }
         calibrations = inputs.Calibrations(requests, model_dir)
         gate = _Gate(adapter_dir, cfg, parity, progress, scratch, shared=len(plan) > 1)
-        for q, predicted in plan:
-            if profile is not None:
-                _say(progress, f"trying {target} {q} for {profile.name}"
-                     + (f" ({predicted.total_bytes / 2**20:.0f} MiB predicted of "
-                        f"{profile.usable_mb} MiB usable)" if predicted else ""))
-            job = _Job(exporter, q, model_dir, lora, adapter_quant, calibrations.get(q),
-                       reference, thresholds_for(exporter, q, cfg, thresholds), options,
-                       progress, check)
-            try:
-                with atomic_dir(out_dir, force=force, what="export") as tmp:
-                    manifest = _write_one(job, tmp, out_dir, base_record, keep_failed, gate,
-                                          profile, context, predicted, tried, explicit)
-                return _kept(manifest, out_dir, target, quant=q)
-            except D.Rejected as rejected:
-                tried.append(rejected.record)
-                _say(progress, f"rejected {q}: {rejected.record['outcome']} "
-                     f"({rejected.record['why']})")
+        reuse = getattr(exporter, "reuse_traces", None) if len(plan) > 1 else None
+        with reuse() if reuse else contextlib.nullcontext():
+            for q, predicted in plan:
+                if profile is not None:
+                    _say(progress, f"trying {target} {q} for {profile.name}"
+                         + (f" ({predicted.total_bytes / 2**20:.0f} MiB predicted of "
+                            f"{profile.usable_mb} MiB usable)" if predicted else ""))
+                job = _Job(exporter, q, model_dir, lora, adapter_quant, calibrations.get(q),
+                           reference, thresholds_for(exporter, q, cfg, thresholds), options,
+                           progress, check)
+                try:
+                    with atomic_dir(out_dir, force=force, what="export") as tmp:
+                        manifest = _write_one(job, tmp, out_dir, base_record, keep_failed, gate,
+                                              profile, context, predicted, tried, explicit)
+                    return _kept(manifest, out_dir, target, quant=q)
+                except D.Rejected as rejected:
+                    tried.append(rejected.record)
+                    _say(progress, f"rejected {q}: {rejected.record['outcome']} "
+                         f"({rejected.record['why']})")
         D.none_passed(target, profile, context, tried, out_dir)
     except OSError as exc:
         raise _os_error(exc, out_dir) from None
@@ -368,9 +371,7 @@ def _write_one(job: _Job, tmp: Path, out_dir: Path, base_record: dict[str, Any],
               "pending" if gate.enabled else "not run (--no-parity)"}
     manifest = write_manifest(tmp, "export", {k: record[k] for k in MANIFEST_ORDER
                                               if k in record})
-    real = None
-    if profile is not None:
-        real = D.check_real_fit(tmp, quant, profile, context, predicted)
+    real = None if profile is None else D.check_real_fit(tmp, quant, profile, context, predicted)
     if gate.enabled and check["passed"]:
         manifest = gate.run(tmp, manifest, keep_failed or profile is not None)
         if not manifest["parity"]["passed"] and profile is None:
@@ -393,8 +394,7 @@ class _Gate:
     def __init__(self, adapter_dir, cfg, enabled: bool, progress: bool, scratch: Path | None,
                  shared: bool = False):
         self.adapter_dir, self.cfg, self.enabled = adapter_dir, cfg, enabled
-        self.progress, self.shared, self._ref = progress, shared, None
-        self.scratch = scratch  # the export's work directory: the report is written inside
+        self.progress, self.shared, self._ref, self.scratch = progress, shared, None, scratch
 
     def run(self, export_dir: Path, manifest: dict[str, Any], keep: bool) -> dict[str, Any]:
         """The gate's results in the manifest. Beyond the thresholds the export is not shipped

@@ -26,9 +26,13 @@ An exporter package provides:
   manifest;
 - ``verify_export(out_dir, info, reference, thresholds) -> dict`` with ``passed`` and
   ``problems``: the files run through their runtime against ``reference`` (a VerifySet);
-- ``predict(config, shapes, quant, **options) -> {"file_bytes", "tensors", "n_params"}``: the
-  size of an export from the base's ``config.json`` and tensor shapes, before anything is
-  written (``devices.fit`` asks it).
+- ``predict(config, shapes, quant, *, tokenizer_dir=None, **options) -> {"file_bytes",
+  "tensors", "n_params"}``: the size of an export from the base's ``config.json`` and tensor
+  shapes (and its tokenizer files, where the target's file holds the vocabulary), before
+  anything is written (``devices.fit`` asks it);
+- optionally ``reuse_traces()``, a context manager under which writing several quants of one
+  checkpoint shares the work they have in common (ONNX: the torch trace); the stage enters it
+  when ``--device`` may try more than one quant.
 
 Packages are imported only when asked for, so ``import edgeqlora.exporters`` stays cheap.
 """

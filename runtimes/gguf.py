@@ -35,6 +35,7 @@ from edgeqlora.errors import InputError, MissingDependencyError, require
 from .base import Runtime, Sampling, default_threads
 from .chat_template import ChatTemplate
 from .gguf_abort import AbortFlag
+from .gguf_header import trained_context
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_N_CTX = 2048
@@ -58,19 +59,6 @@ def _llama_cpp():
         raise MissingDependencyError(f"llama-cpp-python is installed but does not load: {exc}; "
                                      "reinstall it with: pip install --force-reinstall "
                                      "'edgeqlora[gguf]'") from None
-
-
-def _trained_context(path: Path) -> int | None:
-    """``<arch>.context_length`` from the header (milliseconds: the vocabulary is skipped), or
-    None where the header does not say; llama.cpp's own reading still decides after loading."""
-    from .gguf_header import read_gguf_header
-
-    try:
-        fields, _ = read_gguf_header(path)
-    except (InputError, MissingDependencyError):
-        return None  # llama.cpp reports what is wrong with the file
-    value = fields.get(f"{fields.get('general.architecture')}.context_length")
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 class GGUFRuntime(Runtime):
@@ -103,7 +91,7 @@ class GGUFRuntime(Runtime):
             raise InputError(f"n_threads={n_threads} must be >= 1")
         requested_ctx = DEFAULT_N_CTX if n_ctx is None else int(n_ctx)
         if n_ctx is None:  # the default fits the trained context without a second load
-            requested_ctx = min(requested_ctx, _trained_context(self.path) or requested_ctx)
+            requested_ctx = min(requested_ctx, trained_context(self.path) or requested_ctx)
         if requested_ctx < 16:
             raise InputError(f"n_ctx={n_ctx} is too small (need >= 16 tokens)")
         if requested_ctx > MAX_N_CTX:

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgeqlora.errors import InputError
+from edgeqlora.errors import InputError, MissingDependencyError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,3 +186,14 @@ def read_gguf_header(path: str | Path, error: type[Exception] = InputError,
 
 class _Skipped(int):
     """The length of a long metadata array that was skipped."""
+
+
+def trained_context(path: Path) -> int | None:
+    """``<arch>.context_length`` from the header (milliseconds: the vocabulary is skipped), or
+    None where the header does not say; llama.cpp's own reading still decides after loading."""
+    try:
+        fields, _ = read_gguf_header(path)
+    except (InputError, MissingDependencyError):
+        return None  # llama.cpp reports what is wrong with the file
+    value = fields.get(f"{fields.get('general.architecture')}.context_length")
+    return int(value) if isinstance(value, int) and value > 0 else None

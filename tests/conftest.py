@@ -241,6 +241,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
+@pytest.fixture(scope="module")
+def onnx_traces_reused():
+    """For a module that exports the same tiny checkpoints many times: each is traced once
+    (``exporters.onnx.reuse_traces``, itself tested in tests/test_onnx_export.py)."""
+    from edgeqlora.exporters.onnx import reuse_traces
+
+    with reuse_traces():
+        yield
+
+
 def packed_layers_match_dense(base: Path, quant: str) -> list:
     """Load the device base ``quant`` of ``base`` dense (fp32) and packed (``GGMLLinear``) on
     CPU, put the same non-zero LoRA on both, and assert bit-identical logits and LoRA

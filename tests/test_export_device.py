@@ -242,3 +242,30 @@ def test_no_quant_passing_says_why_for_each(tiny, predicted, tmp_path, monkeypat
                         "parity gate (mean KLD 0.9 > max_kld 0.5); nothing was written to "
                         f"{out} (loosen the parity.* thresholds, or train a better adapter)")
     assert not out.exists() and not _leftovers(tmp_path, "out")
+
+
+def test_onnx_quants_tried_for_a_device_share_one_trace(tiny, tmp_path, monkeypatch, capsys):
+    """ONNX under ``--device``: int8 fails the gate (forced), int4-gptq-q8head is shipped, and
+    the merged checkpoint was traced into ONNX once for both (``reuse_traces``), the kept trace
+    gone afterwards."""
+    pytest.importorskip("onnxruntime")
+    import edgeqlora.export as E
+    from edgeqlora.cli import main
+    from edgeqlora.exporters.onnx import graph as G
+
+    monkeypatch.setattr(E._Gate, "run", _gate_failing({"int8": "mean KLD 0.9 > max_kld 0.5"}))
+    real, traced = G._trace, []
+
+    def counting(model_dir, path, opset):
+        traced.append(model_dir)
+        return real(model_dir, path, opset)
+
+    monkeypatch.setattr(G, "_trace", counting)
+    out = tmp_path / "out"
+    rc = main(["export", str(tiny["adapter"]), "--target", "onnx", *LOOSE, "--device",
+               str(_board(tmp_path, 4096, runtimes='["onnx"]')), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(t["quant"], t["outcome"]) for t in m["device"]["tried"]] == [
+        ("int8", "failed the parity gate"), ("int4-gptq-q8head", "chosen")]
+    assert len(traced) == 1 and G._reuse is None

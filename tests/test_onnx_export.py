@@ -54,6 +54,44 @@ def test_fp32_export_matches_torch_and_has_manifest(fp32_export):
         assert check["genai"]["loaded"] and check["genai"]["identical_greedy"]
 
 
+def test_a_checkpoint_traced_again_reuses_the_trace_until_it_changes(tmp_path, tokenizer_dir,
+                                                                    monkeypatch):
+    """Inside ``reuse_traces()`` a checkpoint is traced once: the next export of the same files
+    gets the same graph bytes without torch, a changed file is traced again, a nested use
+    shares the outer one, and leaving deletes the kept traces; outside, every call traces."""
+    from edgeqlora.exporters.onnx import graph as G
+
+    model = build_tiny_model(tmp_path / "m", tokenizer_dir, layers=1)
+    real, traced = G._trace, []
+
+    def counting(model_dir, path, opset):
+        traced.append(path)
+        return real(model_dir, path, opset)
+
+    monkeypatch.setattr(G, "_trace", counting)
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    with G.reuse_traces():
+        root = G._reuse[0]
+        dims = G.export_fp32(model, tmp_path / "a" / "fp32.onnx")
+        with G.reuse_traces():
+            assert G.export_fp32(model, tmp_path / "b" / "fp32.onnx") == dims
+        assert len(traced) == 1 and G._reuse[0] == root
+        assert (tmp_path / "a" / "fp32.onnx").read_bytes() == \
+            (tmp_path / "b" / "fp32.onnx").read_bytes()
+        (tmp_path / "b" / "fp32.onnx").write_bytes(b"changed by its user")  # a copy, not the kept
+        G.export_fp32(model, tmp_path / "b" / "fp32.onnx")
+        assert len(traced) == 1 and (tmp_path / "b" / "fp32.onnx").read_bytes() == \
+            (tmp_path / "a" / "fp32.onnx").read_bytes()
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+        G.export_fp32(model, tmp_path / "b" / "fp32.onnx")
+        assert len(traced) == 2
+    assert G._reuse is None and not root.exists()
+    G.export_fp32(model, tmp_path / "a" / "fp32.onnx")
+    assert len(traced) == 3
+
+
 def test_kv_cache_decode_equals_full_forward(fp32_export, tiny):
     """Token-by-token with the cache == one pass == torch (the graph was traced with 3 new
     tokens on a 2-token past; both the 1-token and the empty-past regimes must still hold)."""

@@ -18,6 +18,7 @@ from onnx_fixtures import verify_set
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("onnx_traces_reused")
 
 # onnxruntime-genai's model type per family (genai 0.18 knows each name).
 GENAI_TYPE = {"llama": "llama", "llama3": "llama", "mistral": "mistral", "qwen2": "qwen2",

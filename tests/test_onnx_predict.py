@@ -12,6 +12,8 @@ import pytest
 
 from conftest import build_tiny_model, has_module
 
+pytestmark = pytest.mark.usefixtures("onnx_traces_reused")
+
 # A SmolLM2-135M-shaped config (30 layers, tied embeddings) and its Hugging Face tensor shapes.
 SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,

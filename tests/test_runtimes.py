@@ -261,9 +261,9 @@ def test_default_context_is_the_trained_one_in_one_load(tmp_path, tiny_model_dir
         return real(*args, **kwargs)
 
     monkeypatch.setattr(llama_cpp, "Llama", counting)
-    for hint, loads in ((runtime_gguf._trained_context, [1024]),
+    for hint, loads in ((runtime_gguf.trained_context, [1024]),
                         (lambda path: None, [runtime_gguf.DEFAULT_N_CTX, 1024])):
-        monkeypatch.setattr(runtime_gguf, "_trained_context", hint)
+        monkeypatch.setattr(runtime_gguf, "trained_context", hint)
         opened.clear()
         rt = runtimes.load(path)
         try:

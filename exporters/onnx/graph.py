@@ -18,7 +18,10 @@ pre-transposed weight, so it is quantized like any other MatMul.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,57 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids"] + past, ["logits"] + present
 
 
+# Inside ``reuse_traces()``: the folder of the kept traces, and (checkpoint key) -> (the
+# folder holding that checkpoint's trace, its dims).
+_reuse: tuple[Path, dict[tuple, tuple[Path, dict[str, Any]]]] | None = None
+
+
+@contextlib.contextmanager
+def reuse_traces():
+    """Within it, ``export_fp32`` traces a checkpoint once: a later call on the same files
+    (names, sizes and mtimes) and opset gets a copy of the kept trace (a trace is most of a
+    small model's export; the quant search of ``export --device`` writes several quants of one
+    merged checkpoint). The kept traces are deleted on leaving. Nested uses share the outer
+    one's."""
+    global _reuse
+    if _reuse is not None:
+        yield
+        return
+    root = Path(tempfile.mkdtemp(prefix="edgeqlora-traces-"))
+    _reuse = root, {}
+    try:
+        yield
+    finally:
+        _reuse = None
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _trace_key(model_dir: Path, opset: int) -> tuple:
+    root = Path(model_dir).resolve()
+    files = tuple((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
+                  for p in sorted(root.rglob("*")) if p.is_file() for st in [p.stat()])
+    return str(root), files, opset
+
+
 def export_fp32(model_dir: Path, path: Path, opset: int = OPSET) -> dict[str, Any]:
-    """Trace the checkpoint into an fp32 ONNX decoder with an explicit KV cache at ``path``."""
+    """Trace the checkpoint into an fp32 ONNX decoder with an explicit KV cache at ``path``
+    (or, inside ``reuse_traces()``, copy the trace already made of the same files). Any
+    external-data files the trace needs are written beside ``path``."""
+    if _reuse is None:
+        return _trace(model_dir, path, opset)
+    root, kept = _reuse
+    key = _trace_key(model_dir, opset)
+    if key not in kept:
+        where = Path(tempfile.mkdtemp(prefix="trace-", dir=root))
+        kept[key] = where, _trace(model_dir, where / MODEL_FILE, opset)
+    where, dims = kept[key]
+    path = Path(path)
+    for file in where.iterdir():  # copies: a hard link would let a writer change the kept one
+        shutil.copyfile(file, path if file.name == MODEL_FILE else path.parent / file.name)
+    return dict(dims)
+
+
+def _trace(model_dir: Path, path: Path, opset: int) -> dict[str, Any]:
     import warnings
 
     import torch

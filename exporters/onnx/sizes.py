@@ -59,7 +59,7 @@ LORA_PAIR_GRAPH = (405, 12.5)
 
 def predict(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], quant: str, *,
             block_size: int = 32, lora: Mapping[str, Any] | None = None,
-            **options: Any) -> dict[str, Any]:
+            tokenizer_dir: Any = None, **options: Any) -> dict[str, Any]:
     """``{"file_bytes", "tensors", "n_params"}`` of an ONNX ``quant`` export of the model whose
     ``config.json`` is ``config`` and whose Hugging Face tensors have ``shapes``.
 
@@ -67,7 +67,8 @@ def predict(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], quan
     ``block_size``) and ``quantized`` (the 4-bit weight names; default: the decoder layers'
     2-D weights). ``lora``: for nf4-exact, ``{weight name: rank}`` (or the deltas
     ``(A, B, scale)`` themselves) of the adapter kept unmerged in the file. ``tensors`` is
-    empty: an ONNX export has no per-tensor table the fit reads."""
+    empty: an ONNX export has no per-tensor table the fit reads. ``tokenizer_dir`` is taken
+    for the GGUF exporter's interface and not needed: the graph holds no vocabulary."""
     q = (quant or "").strip().lower()
     if q not in QUANTS:
         raise ConfigError(f"no size prediction for ONNX quant {quant!r} (known: "
