@@ -142,6 +142,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bitsandbytes_imported_quietly():
+    """bitsandbytes as the toolkit imports it (``quiet_bnb_import``: 0.4 s, where a plain
+    import sets up torch.compile's inductor for 3 s), before any test imports it directly."""
+    from edgeqlora.bnb_import import quiet_bnb_import
+
+    quiet_bnb_import(required=False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct's tokenizer files (no weights), committed with the

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, has_module
 from lora_fixtures import make_adapter
 
-pytest.importorskip("bitsandbytes")
+# Not importorskip: importing bitsandbytes at collection bypasses the quiet import (3 s).
+pytestmark = pytest.mark.skipif(not has_module("bitsandbytes"), reason="needs bitsandbytes")
 
 
 @pytest.fixture(scope="module")
