@@ -372,6 +372,11 @@ def _write_model_from_gguf(gguf_path: Path, out: Path) -> int:
     # The GGUF loader also copies general.name into the config as "_model_name_or_path";
     # the manifest records where the model came from instead.
     model.config.__dict__.pop("_model_name_or_path", None)
+    from .base_gguf import llama3_rope
+
+    rope = llama3_rope(gguf_path)  # Llama 3.1+: the loader drops the rope_freqs tensor's scaling
+    if rope is not None:
+        model.config.rope_parameters = rope
     ids = {k: model.config.__dict__.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
     model.generation_config = GenerationConfig(
         bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])

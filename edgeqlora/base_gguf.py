@@ -10,7 +10,9 @@ tokenizer it shares, so its tokenizer splits text as llama.cpp does:
   with ``qwen2``: ``base.convert_embedded``, which rebuilds each pre-tokenizer's split;
 - Gemma 3 files (SentencePiece vocabulary): ``base_gemma.convert_gemma3``
 
-(the table is ``base.gguf_converters``, passed in: this module imports neither).
+(the table is ``base.gguf_converters``, passed in: this module imports neither). A Llama 3.1+
+file's RoPE scaling, kept only as the ``rope_freqs`` divisors, is solved back into Llama 3's
+``rope_parameters`` (``llama3_rope``).
 
 Anything else is refused before any work, naming what the file holds: a tokenizer rebuilt by
 guesswork would train on other tokens than the device reads. After the conversion the new
@@ -62,15 +64,77 @@ def _header(path: Path) -> tuple[dict[str, Any], list]:
             if not k.endswith((".tokens", ".scores", ".token_type", ".merges"))}, tensors
 
 
-def _check_rope(path: Path, fields: dict[str, Any], tensors: list) -> None:
-    """Refuse a file whose RoPE scaling lives in a ``rope_freqs`` tensor (Llama 3.1 and later):
-    llama.cpp's converter keeps only the per-frequency factors, not the config transformers
-    builds its RoPE from, so the checkpoint would rotate positions otherwise than the device."""
-    if any(t.name == "rope_freqs.weight" for t in tensors):
-        raise InputError(f"base model {path}: a {fields.get('general.architecture')} GGUF whose "
-                         "RoPE scaling is a rope_freqs tensor (Llama 3.1 and later) cannot be "
-                         "converted to a checkpoint with the same RoPE; pass the model's Hugging "
-                         "Face directory instead")
+def llama3_rope(path: Path, fields: dict[str, Any] | None = None,
+                tensors: list | None = None) -> dict[str, Any] | None:
+    """transformers' ``rope_parameters`` for a GGUF whose RoPE scaling is a ``rope_freqs``
+    tensor (Llama 3.1 and later), None for a file without one. llama.cpp's converter keeps only
+    the per-frequency divisors, and transformers' GGUF loader ignores them (the checkpoint
+    would rotate positions otherwise than the device), so Llama 3's parameters are solved from
+    the divisors and the divisors computed again from them (``llama3_rope_factors``, the
+    exporter's): what does not come back to float32 rounding is refused. The divisors depend
+    only on ratios of ``original_max_position_embeddings`` and the two frequency factors, so
+    ``low_freq_factor`` is taken as Llama 3.1's 1 and the other two solved. Hand-written: no
+    library inverts the converter."""
+    import math
+
+    import numpy as np
+
+    from .exporters.gguf.metadata import llama3_rope_factors
+
+    if fields is None or tensors is None:
+        fields, tensors = _header(path)
+    table = next((t for t in tensors if t.name == "rope_freqs.weight"), None)
+    if table is None:
+        return None
+    arch = fields.get("general.architecture")
+
+    def refuse(why: str) -> InputError:
+        return InputError(f"base model {path}: a {arch} GGUF whose RoPE scaling is a rope_freqs "
+                          f"tensor {why}; pass the model's Hugging Face directory instead")
+
+    heads = int(fields.get(f"{arch}.attention.head_count") or 0)
+    head_dim = int(fields.get(f"{arch}.rope.dimension_count") or
+                   (fields.get(f"{arch}.embedding_length") or 0) // max(heads, 1))
+    theta = float(fields.get(f"{arch}.rope.freq_base") or 10000.0)
+    if table.type != "F32" or table.n_elements != head_dim // 2 or not head_dim:
+        raise refuse(f"of {table.n_elements} {table.type} values for {head_dim}-wide heads")
+    got = np.fromfile(path, dtype="<f4", count=table.n_elements, offset=table.offset)
+    if not np.all(np.isfinite(got)) or got.min() < 1.0 - 1e-6:
+        raise refuse("holding divisors below 1 or not finite (not Llama 3's scaling)")
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    factor = float(got.max())
+    unscaled, scaled = wavelen[got <= 1 + 1e-6], wavelen[got >= factor * (1 - 1e-6)]
+    smooth = (got > 1 + 1e-6) & (got < factor * (1 - 1e-6))
+    low = 1.0
+    # s = (old / wavelen - low) / (high - low) with 1 / divisor = (1 - s) / factor + s
+    s = (1 / got[smooth] - 1 / factor) / (1 - 1 / factor) if factor > 1 else got[smooth]
+    if smooth.sum() >= 2:  # s is linear in 1 / wavelen: slope old / (high - low)
+        slope, intercept = np.polyfit(1 / wavelen[smooth], s, 1)
+        span = -low / intercept if intercept < 0 else 0.0
+        high, old = low + span, slope * span
+    elif smooth.sum() == 1:  # Llama 3.1's high_freq_factor 4; old from the one point
+        high = 4.0
+        old = float((s[0] * (high - low) + low) * wavelen[smooth][0])
+    elif factor > 1 + 1e-6:  # no divisor between 1 and factor: edges anywhere between the two
+        old = float(scaled.min()) * (1 - 1e-3)
+        high = min(4.0, math.sqrt(old / float(unscaled.max()))) if len(unscaled) else 4.0
+    else:
+        return None  # every divisor 1: the unscaled RoPE
+    if not (high > low and old > 0):
+        raise refuse("whose divisors are not of Llama 3's form")
+    worst = 0.0
+    # The solved values as a config writes them (8192, 4.0) where those give the same divisors.
+    for rounded in ((round(old), round(float(high), 3), round(factor, 3)),
+                    (old, float(high), factor)):
+        params = {"rope_type": "llama3", "rope_theta": theta, "factor": rounded[2],
+                  "low_freq_factor": low, "high_freq_factor": rounded[1],
+                  "original_max_position_embeddings": rounded[0]}
+        again = llama3_rope_factors({"head_dim": head_dim, "rope_parameters": params})
+        worst = float(np.abs(again / got - 1).max())
+        if worst < 1e-5:
+            return params
+    raise refuse(f"whose divisors are not of Llama 3's form (the solved parameters give them "
+                 f"back to {worst:.1e}, not to float32 rounding)")
 
 
 def converter_for(fields: dict[str, Any], path: Path, converters: dict[tuple, Any]):
@@ -94,7 +158,7 @@ def ensure_gguf_base(path: Path, converters: dict[tuple, Any]) -> Path:
     path = Path(path).resolve()
     fields, tensors = _header(path)
     convert, version = converter_for(fields, path, converters)
-    _check_rope(path, fields, tensors)
+    llama3_rope(path, fields, tensors)  # refused here, before any work, if not solvable
     stat = path.stat()
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     out = models_dir() / f"gguf-{_slug(path.stem)}-{key[:12]}"

@@ -166,12 +166,44 @@ def test_a_model_transformers_cannot_rebuild_is_one_line_and_nothing_kept(home, 
                    (home / "home" / "models").glob("*"))
 
 
-def test_a_gguf_with_rope_freqs_is_refused(home, tokenizer_dir, monkeypatch):
+def test_a_llama31_gguf_rebuilds_its_rope_scaling(home, tokenizer_dir, monkeypatch):
+    """A Llama 3.1+ GGUF keeps its RoPE scaling only as the rope_freqs divisors (transformers'
+    loader ignores them): the checkpoint gets Llama 3's parameters solved from them, so it
+    gives the source model's logits past the original context; divisors of no Llama 3 form
+    are refused in one line before any work."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeqlora.artifacts import read_json
+    from edgeqlora.base_gguf import llama3_rope
+    from edgeqlora.exporters.gguf import plan
+
     (home / "rope").mkdir(exist_ok=True)
-    _, path = _gguf_with_pre(home / "rope", tokenizer_dir, monkeypatch, "llama3", "llama-bpe")
-    with pytest.raises(InputError, match="RoPE scaling is a rope_freqs tensor") as err:
-        resolve_base(str(path))
+    src, path = _gguf_with_pre(home / "rope", tokenizer_dir, monkeypatch, "llama3", "llama-bpe")
+    want = read_json(src / "config.json")["rope_parameters"]
+    assert want["rope_type"] == "llama3" and llama3_rope(path) == want
+    out = resolve_base(str(path))
+    assert read_json(out / "config.json")["rope_parameters"] == want
+    ids = torch.randint(3, 40000, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    assert torch.equal(a, b)  # positions 256-299 too: past original_max_position_embeddings
+    shutil.rmtree(out)  # the module's last test expects no other conversion in its cache
+
+    (home / "rope-bad").mkdir(exist_ok=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(plan, "llama3_rope_factors",
+                   lambda cfg: np.array([1, 3, 1.5, 8, 8, 8, 8, 8], dtype=np.float32))
+        _, bad = _gguf_with_pre(home / "rope-bad", tokenizer_dir, monkeypatch, "llama3",
+                                "llama-bpe")
+    with pytest.raises(InputError, match="rope_freqs tensor whose divisors are not of Llama "
+                                         "3's form") as err:
+        resolve_base(str(bad))
     assert "\n" not in str(err.value)
+    assert not any(p.name.startswith("gguf-tiny-llama3") for p in
+                   (home / "home" / "models").glob("*"))
 
 
 def test_a_file_that_is_not_gguf_is_one_line(home):
