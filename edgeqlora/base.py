@@ -331,7 +331,7 @@ def _one_reader():
         if key not in readers:
             reader = original(path, mode)
             counted = any(name.endswith(".vocab_size") for name in reader.fields)
-            for name in _VOCAB_ARRAYS[1:] if not counted else _VOCAB_ARRAYS:
+            for name in _VOCAB_ARRAYS if counted else _VOCAB_ARRAYS[1:]:
                 reader.fields.pop(name, None)
             readers[key] = reader
         return readers[key]

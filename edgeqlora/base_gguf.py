@@ -120,7 +120,7 @@ def llama3_rope(path: Path, fields: dict[str, Any] | None = None,
         high = min(4.0, math.sqrt(old / float(unscaled.max()))) if len(unscaled) else 4.0
     else:
         return None  # every divisor 1: the unscaled RoPE
-    if not (high > low and old > 0):
+    if not (math.isfinite(old) and math.isfinite(high) and high > low and old > 0):
         raise refuse("whose divisors are not of Llama 3's form")
     worst = 0.0
     # The solved values as a config writes them (8192, 4.0) where those give the same divisors.
