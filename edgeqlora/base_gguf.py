@@ -107,7 +107,7 @@ def llama3_rope(path: Path, fields: dict[str, Any] | None = None,
     smooth = (got > 1 + 1e-6) & (got < factor * (1 - 1e-6))
     low = 1.0
     # s = (old / wavelen - low) / (high - low) with 1 / divisor = (1 - s) / factor + s
-    s = (1 / got[smooth] - 1 / factor) / (1 - 1 / factor) if factor > 1 else got[smooth]
+    s = (1 / got[smooth] - 1 / factor) / (1 - 1 / factor) if smooth.any() else got[smooth]
     if smooth.sum() >= 2:  # s is linear in 1 / wavelen: slope old / (high - low)
         slope, intercept = np.polyfit(1 / wavelen[smooth], s, 1)
         span = -low / intercept if intercept < 0 else 0.0
