@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 
 
-def quiet_bnb_import(required: bool = True) -> None:
+def quiet_bnb_import(required: bool = True,
+                     purpose: str = "a quantized base (quant=nf4, fp4 or int8)") -> None:
     """Import bitsandbytes without its CPU-backend warning that the optional ``kernels``
     package (a faster AVX512 inference kernel) is missing: that kernel is exactly the repack
     path ``guard_cpu_4bit`` turns off, so the warning would only confuse.
@@ -35,7 +36,7 @@ def quiet_bnb_import(required: bool = True) -> None:
     logger.setLevel(logging.ERROR)
     torch.compile = _compile_on_first_call(compile_)
     try:
-        require("bitsandbytes", "train", "a quantized base (quant=nf4, fp4 or int8)")
+        require("bitsandbytes", "train", purpose)  # never fetching hub kernels: see require
     finally:
         torch.compile = compile_
         logger.setLevel(level)

@@ -8,6 +8,9 @@ the value found, and what to do.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 
 class EdgeQloraError(Exception):
     """Base class: an error whose message is meant for the user."""
@@ -73,9 +76,31 @@ def require(module: str, extra: str, purpose: str):
     import importlib
 
     try:
+        if module.partition(".")[0] == "bitsandbytes":
+            with no_hub_kernels():
+                return importlib.import_module(module)
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(
             f"{purpose} needs the Python package '{module}' ({exc}); "
             f"install it with: pip install 'edgeqlora[{extra}]'"
         ) from None
+
+
+@contextlib.contextmanager
+def no_hub_kernels():
+    """While inside, ``import kernels`` fails. On a CPU with AVX512-BF16, bitsandbytes' import
+    asks the ``kernels`` package (installed with transformers) for a compiled kernel from the
+    Hugging Face hub (``kernels-community/quantization-bitsandbytes``): a download of code behind
+    the user's back, which this toolkit never makes. Without ``kernels`` bitsandbytes keeps its
+    own CPU kernels, the path ``qlora.guard_cpu_4bit`` uses anyway. ``require`` imports
+    bitsandbytes inside it."""
+    had, before = "kernels" in sys.modules, sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # the import system's "not importable" mark
+    try:
+        yield
+    finally:
+        if had:
+            sys.modules["kernels"] = before
+        else:
+            sys.modules.pop("kernels", None)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError, InputError, require
+from .bnb_import import quiet_bnb_import
+from .errors import ConfigError, DataError, InputError
 from .heldout import VerifySet, heldout_sequences, training_data_spec, verification_texts
 
 
@@ -21,7 +22,7 @@ def check_from_adapter(adapter, quant: str) -> list[str]:
     """Refusals for a quant made from the trained adapter itself (ONNX nf4-exact)."""
     from .merge import is_quantized_weight
 
-    require("bitsandbytes", "train", f"{quant} export (the NF4 codes come from bitsandbytes)")
+    quiet_bnb_import(purpose=f"{quant} export (the NF4 codes come from bitsandbytes)")
     outside = [k for k, d in adapter.deltas.items()
                if d.embedding or not is_quantized_weight(k, [1, 1])]
     if outside:

@@ -65,6 +65,7 @@ def resolve_compute_dtype(compute_dtype: str, device) -> "Any":
 def guard_cpu_4bit(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see the module
     docstring); undo a repack that already happened. Returns the number of 4-bit layers."""
+    quiet_bnb_import(required=False)
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
@@ -100,6 +101,7 @@ def dequantized_weights(model, max_bytes: int = 2 * 2**30) -> Iterator[int]:
     the memory is the point, and when the cache would exceed ``max_bytes``. Nesting is safe: an
     inner use leaves layers cached by an outer one alone. Yields the cached layer count.
     """
+    quiet_bnb_import(required=False)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -140,6 +142,7 @@ def trained_base_weights(model) -> dict[str, tuple[Any, Any]]:
     """Each 4-bit layer's dequantized weight and its bitsandbytes quant state, by the base
     checkpoint's tensor name (PEFT's ``base_model.model.`` and ``.base_layer`` taken off). The
     weight is the one ``dequantized_weights`` cached, when inside it, else dequantized now."""
+    quiet_bnb_import()
     import bitsandbytes as bnb
 
     out = {}
@@ -233,6 +236,7 @@ def quant_info(model, quant: str, double_quant: bool) -> dict[str, Any]:
     """The manifest's ``quant`` section, read from the loaded layers."""
     info: dict[str, Any] = {"quant": quant, "double_quant": bool(double_quant) and
                             quant in ("nf4", "fp4"), "block_size": None, "compute_dtype": None}
+    quiet_bnb_import(required=False)
     try:
         import bitsandbytes as bnb
     except ImportError:

@@ -310,6 +310,9 @@ def _optimizer(params, cfg: Config, device):
     import torch
 
     if device.type == "cuda":
+        from .bnb_import import quiet_bnb_import
+
+        quiet_bnb_import(purpose="paged 8-bit AdamW on CUDA")
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

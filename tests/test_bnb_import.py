@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,51 @@ def test_import_puts_torch_compile_back_and_skips_inductor():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+def _fake_kernels(root, marker):
+    """A ``kernels`` package whose ``get_kernel`` records that it was asked (a hub fetch)."""
+    pkg = root / "kernels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "def get_kernel(repo, **kw):\n"
+        f"    open({str(marker)!r}, 'a').write(repo + '\\n')\n"
+        "    raise RuntimeError('no hub here')\n")
+
+
+def test_no_hub_kernels_hides_the_kernels_package(tmp_path, monkeypatch):
+    import importlib
+
+    from edgeqlora.errors import no_hub_kernels
+
+    _fake_kernels(tmp_path, tmp_path / "asked")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    with no_hub_kernels():
+        with pytest.raises(ImportError):
+            importlib.import_module("kernels")
+    assert "kernels" not in sys.modules  # put back as it was: never imported
+    fake = importlib.import_module("kernels")
+    assert fake.__file__.startswith(str(tmp_path))
+    with no_hub_kernels():
+        pass
+    assert sys.modules["kernels"] is fake  # an imported one is put back too
+
+
+def test_bitsandbytes_never_asks_the_hub_for_a_kernel(tmp_path):
+    """On an AVX512-BF16 CPU bitsandbytes' import calls ``kernels.get_kernel`` (a download from
+    the Hugging Face hub) unless the toolkit's import route hides ``kernels``: every way the
+    toolkit reaches bitsandbytes goes through it (here ``guard_cpu_4bit``, the first the
+    trainer meets on a device-aware base)."""
+    pytest.importorskip("bitsandbytes")
+    marker = tmp_path / "asked"
+    _fake_kernels(tmp_path, marker)
+    code = ("import sys, torch; from edgeqlora import qlora; "
+            "qlora.guard_cpu_4bit(torch.nn.Linear(2, 2)); "
+            "print('bitsandbytes' in sys.modules, 'kernels' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert run.stdout.split() == ["True", "False"]
+    assert not marker.exists(), marker.read_text()
+    assert "kernels-community" not in run.stderr

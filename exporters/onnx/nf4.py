@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeqlora.errors import ConfigError
+from edgeqlora.errors import ConfigError, require
 
 from . import recipes
 from .genai import copy_tokenizer, write_genai_config
@@ -63,8 +63,9 @@ def check_nf4_inputs(lora, base_quant: dict[str, Any] | None,
 def nf4_pack(weight, quant: dict[str, Any]):
     """Packed 4-bit codes (uint8 numpy, ``N*K/2``) and fp32 absmax per block of ``weight``
     [N, K] exactly as the trained Linear4bit holds them."""
-    import bitsandbytes.functional as bnbf
     import torch
+
+    bnbf = require("bitsandbytes.functional", "train", "nf4-exact export")  # no hub kernels
 
     dtype = getattr(torch, quant.get("compute_dtype") or "float32", torch.float32)
     if not isinstance(dtype, torch.dtype):
