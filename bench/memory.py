@@ -153,7 +153,9 @@ def mapped_rss(suffix: str) -> int:
 def torch_worker(adapter_dir: str, fill: int, threads: int) -> dict[str, Any]:
     """Load the trained model exactly as trained and generate, reporting memory (this process
     must be fresh: ``main`` runs it with --worker)."""
-    import bitsandbytes  # noqa: F401  (imported before the baseline: library, not model)
+    from edgeqlora.bnb_import import quiet_bnb_import
+
+    quiet_bnb_import()  # before the baseline: library, not model (and no hub kernels)
     import peft  # noqa: F401
     import torch
     import transformers
