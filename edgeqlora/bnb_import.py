@@ -7,9 +7,10 @@ import functools
 
 def quiet_bnb_import(required: bool = True,
                      purpose: str = "a quantized base (quant=nf4, fp4 or int8)") -> None:
-    """Import bitsandbytes without its CPU-backend warning that the optional ``kernels``
-    package (a faster AVX512 inference kernel) is missing: that kernel is exactly the repack
-    path ``guard_cpu_4bit`` turns off, so the warning would only confuse.
+    """Import bitsandbytes without its CPU-backend warning that the hub kernel it asks the
+    ``kernels`` package for (a faster AVX512 inference kernel) could not be had: ``require``
+    hides ``kernels`` so that nothing is fetched, and that kernel is exactly the repack path
+    ``guard_cpu_4bit`` turns off, so the warning would only confuse.
 
     bitsandbytes wraps four of its default-backend kernels in ``torch.compile`` when it is
     imported, and each ``torch.compile`` call sets up the inductor compiler (about 1 s on 2
