@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -322,10 +323,17 @@ def _machine() -> dict[str, Any]:
             platform.machine(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
 
 
+# The hidden work directory of an atomic write (artifacts.atomic_dir: ``.NAME.tmp-PID-xyz``),
+# where the export stage gates an export before it moves into place: named for NAME.
+_WORK_DIR = re.compile(r"^\.(?P<name>.+)\.(?:tmp|work|stage)-\d+-[^.]*$")
+
+
 def _candidate_names(paths: Sequence[Path]) -> list[str]:
     names, seen = [], {}
     for p in paths:
         base = p.name if p.is_dir() else p.stem
+        work = _WORK_DIR.match(base)
+        base = work["name"] if work else base
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return names
@@ -411,9 +419,13 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
 
 
 def _progress_printer(enabled: bool) -> Callable[[str], None]:
-    if not enabled:
-        return lambda msg: None
+    """The gate's progress lines: rate-limited on a terminal (``enabled``), one every
+    ``EDGEQLORA_PROGRESS_S`` seconds off one (a log, a pipe: whatever ``enabled`` says, so that
+    ``edgeqlora export > log`` shows where a minutes-long gate is)."""
     from .progress import every_s, off_terminal
+
+    if not enabled and not off_terminal():
+        return lambda msg: None
 
     last = {"t": 0.0, "prefix": None}
     # Per-example messages at most 4 times a second on a terminal; in a log, one every

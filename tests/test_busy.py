@@ -290,6 +290,33 @@ def test_parity_progress_in_a_log_is_a_line_per_phase_and_interval(monkeypatch, 
         "parity: greedy answers: b 1/3", "parity: greedy answers: b 3/3"]
 
 
+def test_an_export_in_a_log_shows_where_its_parity_gate_is(tiny_model_dir, tmp_path,
+                                                          monkeypatch, capsys):
+    """``edgeqlora export > log``: the gate (minutes on 200 held-out commands) prints its
+    phases and counts off a terminal; it printed nothing before."""
+    pytest.importorskip("llama_cpp")
+    from lora_fixtures import make_adapter
+
+    from edgeqlora.cli import main
+
+    monkeypatch.setenv("EDGEQLORA_PROGRESS_S", "3600")  # phases and last counts only
+    adapter = make_adapter(tmp_path / "adapter", tiny_model_dir)
+    rc = main(["export", str(adapter), "export.eval_tokens=64", "parity.eval_examples=2",
+               "parity.text_tokens=48", "max_new_tokens=4", "parity.max_kld=10",
+               "parity.min_top1=0", "parity.max_ppl_ratio=100",
+               "parity.min_exact_match_ratio=0", "--min-top1", "0", "--max-kld", "10",
+               "--quant", "q8_0", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("parity: ")]
+    assert "parity: loading the trained reference (NF4 base + adapter)" in lines, lines
+    # The gate runs in the atomic write's hidden work directory; it is named for --out.
+    assert "parity: loading candidate out" in lines, lines
+    assert "parity: logits: task 2/2" in lines and "parity: greedy answers: out 2/2" in lines, \
+        lines
+    assert len(lines) < 12, lines  # one a phase and its last count, not one an example
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_a_non_finite_or_negative_progress_interval_is_refused(monkeypatch, value):
     from edgeqlora.progress import every_s

@@ -34,7 +34,9 @@ def load_cfg(args):
 
 
 def show_progress() -> bool:
-    """Progress bars only for a person watching: not in a log file or a pipe."""
+    """Progress bars only for a person watching: not in a log file or a pipe. (Off a terminal
+    the long stages print a plain line every ``EDGEQLORA_PROGRESS_S`` seconds instead:
+    ``progress.Ticker`` and the parity gate's printer decide that themselves.)"""
     return sys.stderr.isatty()
 
 
