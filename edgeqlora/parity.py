@@ -421,18 +421,23 @@ def run_parity(reference: str | Path, candidates: Sequence[str | Path], out: str
 def _progress_printer(enabled: bool) -> Callable[[str], None]:
     """The gate's progress lines: rate-limited on a terminal (``enabled``), one every
     ``EDGEQLORA_PROGRESS_S`` seconds off one (a log, a pipe: whatever ``enabled`` says, so that
-    ``edgeqlora export > log`` shows where a minutes-long gate is)."""
+    ``edgeqlora export > log`` shows where a minutes-long gate is). Not ``enabled``, the lines
+    start with the measuring (``logits:``): what fails while loading stays one error line."""
     from .progress import every_s, off_terminal
 
     if not enabled and not off_terminal():
         return lambda msg: None
 
-    last = {"t": 0.0, "prefix": None}
+    last = {"t": 0.0, "prefix": None, "started": enabled}
     # Per-example messages at most 4 times a second on a terminal; in a log, one every
     # EDGEQLORA_PROGRESS_S seconds (a new phase always shows).
     gap = every_s() if off_terminal() else 0.25
 
     def say(msg: str) -> None:
+        if not last["started"]:
+            if not msg.startswith("logits:"):
+                return
+            last["started"] = True
         now = time.monotonic()
         # "greedy answers: gguf-q8_0 7/40": the phase is what comes before the count, and the
         # last count of a phase always shows.
