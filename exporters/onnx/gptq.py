@@ -35,6 +35,7 @@ library's ``make_matmul_weight_only_node``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from edgeqlora import threads
@@ -239,15 +240,29 @@ def _apply_gptq(model, nodes, sequences, bits, block_size, accuracy_level, progr
     return len(replaced)
 
 
-def apply_hqq(model, bits: int, block_size: int):
+def apply_hqq(model, bits: int, block_size: int, accuracy_level: int):
     """HQQ (onnxruntime's ``HQQWeightOnlyQuantizer``, torch on CPU) on every weight MatMul still
-    in ``model``; returns the new model."""
+    in ``model``; returns the new model. HQQ's config takes no accuracy level, so its nodes get
+    ``accuracy_level`` here (without it onnxruntime computes them at level 0, in float32)."""
+    from onnx import helper
+
     nbits = quantizer_module()
     HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer = (nbits.HQQWeightOnlyQuantConfig,
                                                       nbits.MatMulNBitsQuantizer)
 
+    before = {n.name for n in model.graph.node if n.op_type == "MatMulNBits"}
     q = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(
         block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",)))
-    q.process()
-    return q.model.model
+    with warnings.catch_warnings():
+        # It hands torch a read-only numpy view of each weight, which it only reads.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        q.process()
+    model = q.model.model
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.name not in before:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            node.ClearField("attribute")
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level",
+                                                                int(accuracy_level))])
+    return model
 

@@ -185,7 +185,7 @@ def quantize(model, recipe: dict[str, Any], options: dict[str, Any],
         elif recipe["algorithm"] == "hqq":
             from .gptq import apply_hqq
 
-            model = apply_hqq(model, bits, options["block_size"])
+            model = apply_hqq(model, bits, options["block_size"], options["accuracy_level"])
         else:
             q = MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
                 bits=bits, op_types_to_quantize=("MatMul",), **common))
@@ -203,9 +203,17 @@ def quantize(model, recipe: dict[str, Any], options: dict[str, Any],
             bits=4, op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),),
             **common))
         # An all-zero row (a padding token's) has scale 0: the quantizer divides by it, then
-        # np.where keeps 0 for it; numpy's warning about the discarded NaN is noise.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q.process()
+        # np.where keeps 0 for it; numpy's warning about the discarded NaN is noise. So are the
+        # quantizer's two warnings that it raises the opset to 21 and the IR version to 10 for
+        # the int4 table (the export's graph is checked and run by onnxruntime after writing).
+        nbits_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        level = nbits_log.level
+        nbits_log.setLevel(logging.ERROR)
+        try:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q.process()
+        finally:
+            nbits_log.setLevel(level)
         model = q.model.model
     elif recipe["embedding"] == "fp16":
         store_fp16(model, embedding_gathers(model), 0)
