@@ -22,7 +22,7 @@ from .errors import ConfigError
 
 QUANT_CHOICES = ("nf4", "fp4", "int8", "none", "gguf-q4_0", "gguf-q4_1", "gguf-q4_k_m",
                  "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0", "onnx-int4",
-                 "onnx-int4-q8head")
+                 "onnx-int4-q8head", "onnx-int4-hqq")
 TARGET_PRESETS = ("all-linear", "attention")
 MERGE_BASES = ("auto", "original", "dequantized", "best")
 

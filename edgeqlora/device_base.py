@@ -19,7 +19,10 @@ traces and quantizes the base with the ONNX exporter's own path
 nearest, blocks of 32, symmetric) and every linear layer, the output head and the token
 embedding become the dequantization of those bytes (equal to onnxruntime's kernels, tested);
 the export writes the int4 base graph the same way, checks each tensor, and ships the LoRA as
-an onnxruntime adapter file beside it (the ``--adapter-only`` layout).
+an onnxruntime adapter file beside it (the ``--adapter-only`` layout). ``quant=onnx-int4-hqq``:
+the same with onnxruntime's HQQ quantizer (a scale and a float zero point a block, optimised
+without data); a tied embedding keeps a 4-bit table of its own there, so the training model
+gets an untied head (``untie_head``).
 
 On CPU the dequantized weights are held as plain fp32 tensors (what ``qlora.dequantized_weights``
 does for NF4: faster than dequantizing at every call). On a GPU the decoder's linear layers hold
@@ -41,7 +44,8 @@ DEVICE_QUANTS = {"gguf-q4_0": ("gguf", "q4_0"), "gguf-q4_1": ("gguf", "q4_1"),
                  "gguf-q4_k_m": ("gguf", "q4_k_m"),
                  "gguf-q5_k_m": ("gguf", "q5_k_m"), "gguf-q6_k": ("gguf", "q6_k"),
                  "gguf-q8_0": ("gguf", "q8_0"), "onnx-int4": ("onnx", "int4"),
-                 "onnx-int4-q8head": ("onnx", "int4-q8head")}
+                 "onnx-int4-q8head": ("onnx", "int4-q8head"),
+                 "onnx-int4-hqq": ("onnx", "int4-hqq")}
 
 
 def is_device_quant(quant: str | None) -> bool:
@@ -117,6 +121,7 @@ def _onnx_state(base_dir: Path, q: str) -> tuple[dict[str, Any], dict[str, Any]]
     """The int4 graph's quantized weights; norms and biases stay fp32 in the graph, so they are
     the checkpoint's own values. The linear layers' blocks are also kept packed (``NBits``) for
     ``GGMLLinear``; a head tied to the embedding stays dense, as the embedding does."""
+    import numpy as np
     import torch
 
     from .exporters.onnx.device import dequantize, tensor_bytes
@@ -131,19 +136,25 @@ def _onnx_state(base_dir: Path, q: str) -> tuple[dict[str, Any], dict[str, Any]]
         state[w["src"]] = torch.from_numpy(dequantize(w["arrays"], w["bits"], w["block_size"],
                                                       w["shape"]))
         tensors[w["src"]] = {"onnx": w["node"],
-                             "type": f"{w['op']} {w['bits']}-bit, block {w['block_size']}",
+                             "type": f"{w['op']} {w['bits']}-bit"
+                                     f"{' + zero points' if len(w['arrays']) > 2 else ''}, "
+                                     f"block {w['block_size']}",
                              "sha256": w["sha256"]}
-        if (w["op"] == "MatMulNBits" and w["bits"] == 4 and len(w["arrays"]) == 2
+        zero_points = len(w["arrays"]) == 3 and w["arrays"][2].dtype == np.float32  # HQQ's
+        if (w["op"] == "MatMulNBits" and w["bits"] == 4 and (len(w["arrays"]) == 2 or zero_points)
                 and "shared_with" not in w and not (tied and w["src"] == "lm_head.weight")):
-            kind = NBits(w["block_size"])
-            packed[w["src"]] = (kind.pack(*w["arrays"], w["shape"][0]), kind)
+            kind = NBits(w["block_size"], zero_points)
+            packed[w["src"]] = (kind.pack(*w["arrays"][:2], w["shape"][0],
+                                          *w["arrays"][2:]), kind)
     return state, {"options": options, "tensors": tensors, "packed": packed}
 
 
 def apply_state(model, state: dict[str, Any]) -> int:
-    """Set the model's parameters to ``state`` (tied weights once); returns how many."""
+    """Set the model's parameters to ``state`` (tied weights once, unless the device base holds
+    two different tensors for them: ``untie_head``); returns how many."""
     import torch
 
+    untie_head(model, state)
     done = 0
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -152,6 +163,25 @@ def apply_state(model, state: dict[str, Any]) -> int:
                 param.data = state[key].to(param.dtype).to(param.device)
                 done += 1
     return done
+
+
+def untie_head(model, state: dict[str, Any]) -> bool:
+    """Give a tied model's output head a weight of its own when the device base has different
+    bytes for the head and the embedding (``onnx-int4-hqq``: the HQQ head's float zero points
+    cannot be read by GatherBlockQuantized, so the export keeps a 4-bit embedding table of its
+    own). The config then says the weights are untied, so nothing ties them again."""
+    import torch
+
+    head, table = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or table is None or out is None or inp is None \
+            or out.weight is not inp.weight or torch.equal(head, table):
+        return False
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+    out.weight = torch.nn.Parameter(head.to(inp.weight.dtype).to(inp.weight.device),
+                                    requires_grad=inp.weight.requires_grad)
+    return True
 
 
 def pack_linear_layers(model, packed: dict[str, tuple[Any, Any]]) -> int:
@@ -299,8 +329,10 @@ def check_written(model_file: Path, recorded: dict[str, Any]) -> int:
 # commands: KLD 4e-11, top-1 100 %, 50/50 identical answers; 13.1 decode tokens/s on one thread
 # against 22.3 at level 4, whose 8-bit activations read KLD 0.002-0.0035, top-1 95-98 %, 48/50:
 # bench/results/decode_speed_onnx_device.json). int4-q8head: 4, because its 8-bit head has no
-# fast float32 kernel (2.3 tokens/s at level 0). ``--accuracy-level`` chooses either way.
-DEVICE_ACCURACY_LEVEL = {"int4": 0, "int4-q8head": 4}
+# fast float32 kernel (2.3 tokens/s at level 0). int4-hqq: 0, because onnxruntime 1.32 computes
+# float zero points in float32 at any level (4.6 vs 4.8 tokens/s, KLD 9e-12 at level 4:
+# bench/results/decode_speed_onnx_hqq_device.json). ``--accuracy-level`` chooses either way.
+DEVICE_ACCURACY_LEVEL = {"int4": 0, "int4-q8head": 4, "int4-hqq": 0}
 
 
 def export_options(quant_record: dict[str, Any], options: dict[str, Any],

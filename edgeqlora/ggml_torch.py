@@ -19,10 +19,11 @@ packed GGML blocks on the GPU and dequantizes them on the fly, as bitsandbytes d
   dequantizes into float32, casts to ``x.dtype`` and calls ``F.linear``; backward re-dequantizes
   instead of keeping the dense weight alive (like bitsandbytes' ``MatMul4Bit``).
 - ``register_lora(config)``: lets PEFT's LoRA target ``GGMLLinear`` layers by ``target_modules``.
-- ``NBits``: one more block type beside GGML's, for the ONNX int4 device base (``onnx-int4``):
-  onnxruntime's MatMulNBits 4-bit symmetric blocks, laid out here per block as the float32 scale
-  then the packed values (low nibble first), dequantized as ``(q - 8) * scale`` (one rounding,
-  the same float32 operation as ``exporters.onnx.device.dequantize``).
+- ``NBits``: one more block type beside GGML's, for the ONNX int4 device bases (``onnx-int4``,
+  ``onnx-int4-hqq``): onnxruntime's MatMulNBits 4-bit blocks, laid out here per block as the
+  float32 scale (and HQQ's float32 zero point) then the packed values (low nibble first),
+  dequantized as ``(q - 8) * scale`` (one rounding) or ``q * scale - zero point * scale``: the
+  same float32 operations as ``exporters.onnx.device.dequantize``.
 
 Byte order: GGUF is little-endian and so is every host we run on; the f16 fields are read by
 viewing their two bytes as float16, as gguf-py does with numpy.
@@ -43,39 +44,51 @@ SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
 
 
 class NBits:
-    """MatMulNBits' symmetric 4-bit blocks of ``block_size`` values as one GGML-like block of
-    ``4 + block_size / 2`` bytes: the float32 scale, then the values, two a byte, low nibble
-    first, zero point 8. Used as a ``qtype`` wherever one is taken."""
+    """MatMulNBits' 4-bit blocks of ``block_size`` values as one GGML-like block: the float32
+    scale, then (``zero_points``: HQQ's float32 zero point of the block, ``onnx-int4-hqq``) the
+    values, two a byte, low nibble first; zero point 8 without one. ``4 (+ 4) + block_size / 2``
+    bytes. Used as a ``qtype`` wherever one is taken."""
 
-    def __init__(self, block_size: int = 32):
+    def __init__(self, block_size: int = 32, zero_points: bool = False):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"MatMulNBits block size {block_size}: a power of two >= 16")
         self.block_size = int(block_size)
-        self.type_size = 4 + self.block_size // 2
-        self.name = f"ONNX_Q4_B{self.block_size}"
+        self.zero_points = bool(zero_points)
+        self.head = 8 if self.zero_points else 4
+        self.type_size = self.head + self.block_size // 2
+        self.name = f"ONNX_Q4{'_ZP' if self.zero_points else ''}_B{self.block_size}"
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, NBits) and other.block_size == self.block_size
+        return isinstance(other, NBits) and other.name == self.name
 
     def __hash__(self) -> int:
         return hash(self.name)
 
-    def pack(self, data, scales, n: int) -> Any:
-        """uint8 ``[n, row bytes]`` from MatMulNBits' B ``[n, blocks, block_size / 2]`` and
-        scales (``n * blocks`` float32), numpy."""
+    def pack(self, data, scales, n: int, zero_points=None) -> Any:
+        """uint8 ``[n, row bytes]`` from MatMulNBits' B ``[n, blocks, block_size / 2]``, scales
+        (``n * blocks`` float32) and, with ``zero_points``, HQQ's float32 zero points; numpy."""
         import numpy as np
 
+        if (zero_points is not None) != self.zero_points:
+            raise ValueError(f"{self.name} blocks {'need' if self.zero_points else 'have no'} "
+                             "zero points")
         data = np.asarray(data, dtype=np.uint8).reshape(n, -1, self.block_size // 2)
-        s = np.ascontiguousarray(np.asarray(scales, dtype=np.float32).reshape(n, -1, 1))
-        return np.concatenate([s.view(np.uint8), data], axis=2).reshape(n, -1)
+        fields = [np.asarray(scales, dtype=np.float32)]
+        if zero_points is not None:
+            fields.append(np.asarray(zero_points, dtype=np.float32))
+        fields = [np.ascontiguousarray(f.reshape(n, -1, 1)).view(np.uint8) for f in fields]
+        return np.concatenate([*fields, data], axis=2).reshape(n, -1)
 
 
-def _dequant_nbits(blocks: torch.Tensor) -> torch.Tensor:
+def _dequant_nbits(blocks: torch.Tensor, q: NBits) -> torch.Tensor:
     n = blocks.shape[0]
     scale = blocks[:, :4].contiguous().view(torch.float32)
-    packed = blocks[:, 4:]
-    q = torch.stack([packed & 0x0F, torch.bitwise_right_shift(packed, 4)], dim=-1).reshape(n, -1)
-    return (q.to(torch.float32) - 8.0) * scale
+    packed = blocks[:, q.head:]
+    v = torch.stack([packed & 0x0F, torch.bitwise_right_shift(packed, 4)], dim=-1).reshape(n, -1)
+    if q.zero_points:  # as onnxruntime computes HQQ's blocks: q * scale - zero point * scale
+        zp = blocks[:, 4:8].contiguous().view(torch.float32)
+        return v.to(torch.float32) * scale - zp * scale
+    return (v.to(torch.float32) - 8.0) * scale
 
 
 def _sizes(q) -> tuple[int, int]:
@@ -291,7 +304,7 @@ def dequantize(data: torch.Tensor, qtype, shape) -> torch.Tensor:
     _check_bytes(data, q, shape)
     blocks = data.reshape(-1, _sizes(q)[1])
     if isinstance(q, NBits):
-        return _dequant_nbits(blocks).reshape(shape)
+        return _dequant_nbits(blocks, q).reshape(shape)
     return _DEQUANT[q.name](blocks).reshape(shape)
 
 

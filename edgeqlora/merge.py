@@ -282,9 +282,11 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
     if dtype not in _ST_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(_ST_DTYPES)}")
     specs = tensor_specs(adapter.base_dir)
+    head = _own_head(specs, dequantized) if merge_base == "dequantized" else None
     writer = SafetensorsStreamWriter(out_dir / "model.safetensors",
-                                     [(name, shape) for _, name, shape, _ in specs],
-                                     _ST_DTYPES[dtype])
+                                     [(name, shape) for _, name, shape, _ in specs]
+                                     + ([("lm_head.weight", tuple(head.shape))] if head is not None
+                                        else []), _ST_DTYPES[dtype])
     merged = 0
     roundtrips = RoundTrips(adapter.base_fingerprint.get("weights_sha256"), adapter.quant) \
         if merge_base == "dequantized" else None
@@ -305,14 +307,34 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
                     merged += 1
                 data = w.detach().to(getattr(torch, dtype)).contiguous()
                 writer.write(name, data.reshape(-1).view(torch.uint8).numpy())
+            if head is not None:
+                d = adapter.deltas.get("lm_head.weight") if with_lora else None
+                w = head.float() + d.delta() if d is not None else head.float()
+                merged += d is not None
+                data = w.detach().to(getattr(torch, dtype)).contiguous()
+                writer.write("lm_head.weight", data.reshape(-1).view(torch.uint8).numpy())
     except BaseException:
         writer.fh.close()
         raise
     writer.close()
     if roundtrips is not None:
         roundtrips.save()
-    _copy_side_files(adapter, out_dir, dtype)
+    _copy_side_files(adapter, out_dir, dtype, untied=head is not None)
     return merged
+
+
+def _own_head(specs, dequantized: dict[str, Any] | None):
+    """The device base's output head when the checkpoint ties it to the embedding but the base
+    holds other bytes for it (``onnx-int4-hqq``: ``device_base.untie_head``), else None: the
+    merge then writes it as a tensor of its own and unties the config."""
+    import torch
+
+    names = {name for _, name, _, _ in specs}
+    head = (dequantized or {}).get("lm_head.weight")
+    table = (dequantized or {}).get("model.embed_tokens.weight")
+    if head is None or table is None or "lm_head.weight" in names or torch.equal(head, table):
+        return None
+    return head
 
 
 def _progress(it, total: int, what: str, enabled: bool):
@@ -328,9 +350,11 @@ def _progress(it, total: int, what: str, enabled: bool):
             bar.advance(task)
 
 
-def _copy_side_files(adapter: Adapter, out_dir: Path, dtype: str) -> None:
+def _copy_side_files(adapter: Adapter, out_dir: Path, dtype: str, untied: bool = False) -> None:
     cfg = json.loads((adapter.base_dir / "config.json").read_text())
     cfg.pop("quantization_config", None)
+    if untied:
+        cfg["tie_word_embeddings"] = False
     cfg["dtype"] = dtype
     cfg.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

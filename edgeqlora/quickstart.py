@@ -14,7 +14,8 @@ again on the exact Q4_K_M base the device runs (``quant=gguf-q4_k_m``, ``DIR/dev
 exported unmerged (that base's bytes + the LoRA, ``DIR/exports/gguf-q4_k_m-device-aware/``) and
 parity-checked against its own trained model, beside the NF4 run's merged, re-quantized Q4_K_M.
 ``--device-aware onnx`` does the same on the ONNX int4 base (``quant=onnx-int4``,
-``DIR/device-aware-onnx/``, the int4 graph + an onnxruntime adapter file), ``gguf,onnx`` both.
+``DIR/device-aware-onnx/``, the int4 graph + an onnxruntime adapter file), ``onnx-hqq`` on the
+ONNX HQQ base (``quant=onnx-int4-hqq``), ``gguf,onnx`` both.
 Each costs another training run (about 8 minutes on 2 cores at the CPU sizing).
 """
 
@@ -55,12 +56,14 @@ EXPORTS = (("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"),
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"
 # target -> (quant=, export name, run folder, the export's quant)
 DEVICE_AWARE = {"gguf": ("gguf-q4_k_m", "gguf-q4_k_m-device-aware", "device-aware", "q4_k_m"),
-                "onnx": ("onnx-int4", "onnx-int4-device-aware", "device-aware-onnx", "int4")}
+                "onnx": ("onnx-int4", "onnx-int4-device-aware", "device-aware-onnx", "int4"),
+                "onnx-hqq": ("onnx-int4-hqq", "onnx-int4-hqq-device-aware",
+                             "device-aware-onnx-hqq", "int4-hqq")}
 
 
 def device_aware_targets(device_aware: bool | str | None) -> tuple[str, ...]:
-    """The device-aware variants asked for: True is the GGUF one; a string names targets
-    (``gguf``, ``onnx``, ``gguf,onnx``); one line for anything else."""
+    """The device-aware variants asked for: True is the GGUF one; a string names them
+    (``gguf``, ``onnx``, ``onnx-hqq``, ``gguf,onnx``); one line for anything else."""
     if not device_aware:
         return ()
     if device_aware is True:
@@ -327,7 +330,7 @@ def _device_aware_variant(out: Path, target_name: str, recipe: str | None,
         "train": {k: metrics.get(k) for k in ("steps", "tokens_per_s", "train_time_s",
                                               "peak_memory_mb")}}
     target = out / "exports" / name
-    row: dict[str, Any] = {"name": name, "target": target_name, "quant": export_quant,
+    row: dict[str, Any] = {"name": name, "target": quant.split("-")[0], "quant": export_quant,
                            "device_aware": True}
     _say(f"export {name} (the trained base's bytes + the LoRA, unmerged)")
     try:

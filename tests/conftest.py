@@ -295,7 +295,7 @@ def packed_layers_match_dense(base: Path, quant: str) -> list:
     return [m for m in packed.modules() if isinstance(m, GGMLLinear)]
 
 
-def cuda_packed_matches_cpu(base: Path, quant: str) -> None:
+def cuda_packed_matches_cpu(base: Path, quant: str, layers: int = 14) -> None:
     """On a GPU the device base ``quant``'s linear layers hold their packed bytes (the point
     of a 4-bit base), and the model computes what the CPU's dense fp32 device base computes.
     Skips without CUDA."""
@@ -308,8 +308,8 @@ def cuda_packed_matches_cpu(base: Path, quant: str) -> None:
 
     gpu = device_base.load_device_base(base, quant, "float32", "cuda", qlora.load_base)
     cpu = device_base.load_device_base(base, quant, "float32", "cpu", qlora.load_base)
-    layers = [m for m in gpu.modules() if isinstance(m, GGMLLinear)]
-    assert len(layers) == 14 and all(m.qweight.is_cuda for m in layers)
+    packed = [m for m in gpu.modules() if isinstance(m, GGMLLinear)]
+    assert len(packed) == layers and all(m.qweight.is_cuda for m in packed)
     ids = torch.tensor([[1, 500, 600, 700, 42, 9, 12000, 3]])
     with torch.no_grad():
         a, b = gpu(ids.cuda()).logits.cpu(), cpu(ids).logits

@@ -44,11 +44,12 @@ def onnxruntime_weight(w):
         return np.asarray(w["arrays"][0]).astype(np.float32)
     data, scales = w["arrays"][:2]
     if w["op"] == "MatMulNBits" and "shared_with" not in w:
-        node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft",
-                                K=k, N=n, bits=w["bits"], block_size=w["block_size"],
-                                accuracy_level=0)
+        zero = [numpy_helper.from_array(z, "Z") for z in w["arrays"][2:]]  # HQQ's float ones
+        node = helper.make_node("MatMulNBits", ["A", "B", "S"] + ["Z"] * len(zero), ["Y"],
+                                domain="com.microsoft", K=k, N=n, bits=w["bits"],
+                                block_size=w["block_size"], accuracy_level=0)
         sess = _session(node, [numpy_helper.from_array(data, "B"),
-                               numpy_helper.from_array(scales, "S")],
+                               numpy_helper.from_array(scales, "S"), *zero],
                         [helper.make_tensor_value_info("A", TensorProto.FLOAT, [k, k])],
                         "Y", [k, n])
         return sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0].T

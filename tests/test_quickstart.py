@@ -118,10 +118,11 @@ def test_device_aware_targets_and_a_bad_one(tmp_path, capsys):
 
     assert device_aware_targets(True) == ("gguf",) and device_aware_targets(None) == ()
     assert device_aware_targets("onnx") == ("onnx",)
+    assert device_aware_targets("onnx-hqq") == ("onnx-hqq",)
     assert device_aware_targets(" GGUF,onnx,gguf") == ("gguf", "onnx")
     assert main(["quickstart", "--device-aware", "tflite", "--out", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "the targets are gguf, onnx" in err, err
+    assert len(err.splitlines()) == 1 and "the targets are gguf, onnx, onnx-hqq" in err, err
     assert not (tmp_path / "q").exists()
 
 

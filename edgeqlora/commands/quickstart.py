@@ -22,8 +22,8 @@ def add_arguments(p) -> None:
                    metavar="TARGETS",
                    help="also train on the exact 4-bit base the device runs and ship that "
                         "base + the LoRA unmerged, beside the merged re-quantized exports: "
-                        "gguf (Q4_K_M, the default), onnx (int4) or gguf,onnx (another "
-                        "training run each)")
+                        "gguf (Q4_K_M, the default), onnx (int4), onnx-hqq (int4-hqq) or "
+                        "gguf,onnx (another training run each)")
 
 
 def run(args) -> int:

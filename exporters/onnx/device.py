@@ -31,10 +31,14 @@ from edgeqlora.errors import ConfigError
 
 from .recipes import DEFAULT_OPTIONS, check_model_dir, check_options
 
-# The recipes a device base can be trained on: deterministic and data-free (GPTQ and HQQ depend
-# on calibration rows and on a model that moves while the adapter trains). int4-q8head keeps the
-# output head (and a tied embedding, which reads its bytes) at 8 bits.
-DEVICE_RECIPES = ("int4", "int4-q8head")
+# The recipes a device base can be trained on: deterministic and data-free (GPTQ depends on
+# calibration rows). int4-q8head keeps the output head (and a tied embedding, which reads its
+# bytes) at 8 bits. int4-hqq: HQQ's optimised scale and float zero point per block (data-free;
+# onnxruntime's HQQ quantizer runs torch on CPU and gave the same bytes at 1 and 2 threads and
+# across runs; the manifest's sha256s catch any change). Its float zero points cannot be read
+# by GatherBlockQuantized, so a tied embedding keeps a 4-bit table of its own (round to
+# nearest) and the training model unties it from the HQQ head (``device_base.untie_head``).
+DEVICE_RECIPES = ("int4", "int4-q8head", "int4-hqq")
 # The options that change the bytes; the manifest records them and an export must use them.
 BYTE_OPTIONS = ("block_size", "symmetric")
 # The exported graph's weight nodes: /m/<module path>/MatMul_Q4 (MatMulNBits), and the token
@@ -170,7 +174,11 @@ def dequantize(arrays: list[Any], bits: int, block_size: int, shape: tuple[int, 
     points]), one output row of blocks after another: MatMulNBits' B ``[N, blocks, block
     bytes]`` and a shared table are uint8 (``8 / bits`` values a byte, low nibble first, zero
     point ``2 ** (bits - 1)`` when none is given); a GatherBlockQuantized table of its own is an
-    int4 / uint4 tensor, one value an element (numpy_helper unpacks it), zero point 0 / given."""
+    int4 / uint4 tensor, one value an element (numpy_helper unpacks it), zero point 0 / given.
+    Zero points are packed like the data (uint8; the weight is ``(q - zero point) * scale``,
+    the subtraction exact) or, from HQQ, one float per block: then ``q * scale - zero point *
+    scale``, two products and a difference, each rounded, as onnxruntime's kernels compute it
+    (``(q - zero point) * scale`` differs in the last bit for most of them)."""
     import numpy as np
 
     n, k = shape
@@ -195,6 +203,10 @@ def dequantize(arrays: list[Any], bits: int, block_size: int, shape: tuple[int, 
         q = np.pad(q, ((0, 0), (0, pad)))
     q = q[:, :blocks * block_size].reshape(n, blocks, block_size).astype(np.float32)
     scales = np.asarray(arrays[1], dtype=np.float32).reshape(n, blocks)
+    if len(arrays) > 2 and np.asarray(arrays[2]).dtype == np.float32:  # HQQ
+        zp = np.asarray(arrays[2]).reshape(n, blocks)[..., None]
+        w = q * scales[..., None] - zp * scales[..., None]
+        return np.ascontiguousarray(w.reshape(n, blocks * block_size)[:, :k], dtype=np.float32)
     if len(arrays) > 2:
         zp = np.asarray(arrays[2])
         if zp.dtype == np.uint8 and bits == 4:
