@@ -260,6 +260,26 @@ def onnx_traces_reused():
         yield
 
 
+def train_tiny_device_aware(root: Path, tokenizer_dir: Path, quant: str,
+                            hidden: int = 64, intermediate: int = 128) -> dict:
+    """A tiny tied Llama in ``root/base`` trained 3 steps on its ``quant`` device base (32
+    smart-home rows); returns {"root", "base", "adapter"}."""
+    from edgeqlora import train as train_mod
+    from edgeqlora.config import build_config
+    from edgeqlora.tasks import iot
+
+    base = build_tiny_model(root / "base", tokenizer_dir, hidden=hidden,
+                            intermediate=intermediate)
+    rows, _ = iot.generate(seed=0, n_train=32, n_eval=0)
+    data = iot.write_jsonl(rows, root / "train.jsonl")
+    cfg = build_config({"base": str(base), "data": str(data), "max_steps": 3, "batch_size": 4,
+                        "lr": 2e-3, "warmup_steps": 1, "max_len": 160, "save_every": 0,
+                        "eval_examples": 0, "quant_report_tokens": 0, "lora.r": 4,
+                        "lora.dropout": 0.0, "quant": quant})
+    adapter = train_mod.train(cfg, root / "run")
+    return {"root": root, "base": base, "adapter": Path(adapter)}
+
+
 def packed_layers_match_dense(base: Path, quant: str) -> list:
     """Load the device base ``quant`` of ``base`` dense (fp32) and packed (``GGMLLinear``) on
     CPU, put the same non-zero LoRA on both, and assert bit-identical logits and LoRA

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (build_tiny_model, cuda_packed_matches_cpu, has_module,
-                      packed_layers_match_dense, read_gguf, refused_export)
+from conftest import (cuda_packed_matches_cpu, has_module, packed_layers_match_dense, read_gguf,
+                      refused_export, train_tiny_device_aware)
 
 pytestmark = pytest.mark.skipif(not has_module("llama_cpp"),
                                 reason="the K-quant mixes need llama-cpp-python's kernels")
@@ -24,20 +24,8 @@ pytestmark = pytest.mark.skipif(not has_module("llama_cpp"),
 def trained(tmp_path_factory, tokenizer_dir):
     """A hidden-256 tiny Llama (so Q4_K_M uses Q4_K and Q6_K blocks, not only fallbacks),
     trained 3 steps on a gguf-q4_k_m base."""
-    from edgeqlora import train as train_mod
-    from edgeqlora.config import build_config
-    from edgeqlora.tasks import iot
-
-    root = tmp_path_factory.mktemp("device-aware")
-    base = build_tiny_model(root / "base", tokenizer_dir, hidden=256, intermediate=512)
-    rows, _ = iot.generate(seed=0, n_train=32, n_eval=0)
-    data = iot.write_jsonl(rows, root / "train.jsonl")
-    cfg = build_config({"base": str(base), "data": str(data), "max_steps": 3, "batch_size": 4,
-                        "lr": 2e-3, "warmup_steps": 1, "max_len": 160, "save_every": 0,
-                        "eval_examples": 0, "quant_report_tokens": 0, "lora.r": 4,
-                        "lora.dropout": 0.0, "quant": "gguf-q4_k_m"})
-    adapter = train_mod.train(cfg, root / "run")
-    return {"root": root, "base": base, "adapter": Path(adapter)}
+    return train_tiny_device_aware(tmp_path_factory.mktemp("device-aware"), tokenizer_dir,
+                                   "gguf-q4_k_m", hidden=256, intermediate=512)
 
 
 def test_device_quants_are_the_config_choices():
@@ -56,10 +44,10 @@ def test_training_weights_are_what_llama_cpp_loads(trained, tmp_path, quant):
     sha256s are those tensors' bytes."""
     import gguf
     import numpy as np
-
-    from edgeqlora.device_base import DEVICE_QUANTS, device_state
     from edgeqlora.exporters.gguf import read_config, tensor_digests, write_model_gguf
     from edgeqlora.exporters.gguf.kernels import unpermute_qk
+
+    from edgeqlora.device_base import DEVICE_QUANTS, device_state
 
     state, record = device_state(trained["base"], quant)
     path = tmp_path / "base.gguf"
@@ -214,9 +202,10 @@ def test_gguf_q4_1_base_of_the_embedded_model_is_the_distributed_file(embedded_d
     """The embedded SmolLM2 ships as a Q4_1 GGUF and is converted to fp32 from it; quantizing
     that checkpoint again for ``quant=gguf-q4_1`` gives back the distributed file's bytes, so
     a device-aware adapter on it trains on exactly the file the package ships."""
+    from edgeqlora.exporters.gguf import tensor_digests
+
     from edgeqlora.base import embedded_gguf_path
     from edgeqlora.device_base import device_state
-    from edgeqlora.exporters.gguf import tensor_digests
 
     _, record = device_state(embedded_dir, "gguf-q4_1")
     shipped = tensor_digests(embedded_gguf_path())

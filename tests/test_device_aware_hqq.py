@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from conftest import (build_tiny_model, cuda_packed_matches_cpu, has_module,
-                      packed_layers_match_dense, refused_export)
+                      packed_layers_match_dense, refused_export, train_tiny_device_aware)
 
 pytestmark = pytest.mark.skipif(not has_module("onnxruntime") or not has_module("onnx"),
                                 reason="needs onnx and onnxruntime")
@@ -27,7 +26,6 @@ def test_hqq_dequantization_is_onnxruntimes(tmp_path, tokenizer_dir, tie):
     (``q * s - z * s``; ``(q - z) * s`` would differ in the last bit for some weights). The
     embedding is a round-to-nearest 4-bit table of its own, tied or not."""
     import numpy as np
-
     from edgeqlora.exporters.onnx.device import dequantize, tensor_bytes
     from test_device_aware_onnx import onnxruntime_weight
 
@@ -55,7 +53,6 @@ def test_the_hqq_bytes_do_not_depend_on_torch_threads(tmp_path, tokenizer_dir):
     """HQQ optimises in torch: the bytes (what the manifest's sha256s pin) must not change
     with the thread count, or a laptop could not export what a server trained."""
     import torch
-
     from edgeqlora.exporters.onnx.device import tensor_bytes
 
     base = build_tiny_model(tmp_path / "base", tokenizer_dir, hidden=64, intermediate=256)
@@ -73,20 +70,8 @@ def test_the_hqq_bytes_do_not_depend_on_torch_threads(tmp_path, tokenizer_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer_dir):
     """A tiny tied Llama trained 3 steps on its onnx-int4-hqq base."""
-    from edgeqlora import train as train_mod
-    from edgeqlora.config import build_config
-    from edgeqlora.tasks import iot
-
-    root = tmp_path_factory.mktemp("device-aware-hqq")
-    base = build_tiny_model(root / "base", tokenizer_dir, hidden=64, intermediate=128)
-    rows, _ = iot.generate(seed=0, n_train=32, n_eval=0)
-    data = iot.write_jsonl(rows, root / "train.jsonl")
-    cfg = build_config({"base": str(base), "data": str(data), "max_steps": 3, "batch_size": 4,
-                        "lr": 2e-3, "warmup_steps": 1, "max_len": 160, "save_every": 0,
-                        "eval_examples": 0, "quant_report_tokens": 0, "lora.r": 4,
-                        "lora.dropout": 0.0, "quant": "onnx-int4-hqq"})
-    adapter = train_mod.train(cfg, root / "run")
-    return {"root": root, "base": base, "adapter": Path(adapter)}
+    return train_tiny_device_aware(tmp_path_factory.mktemp("device-aware-hqq"), tokenizer_dir,
+                                   "onnx-int4-hqq")
 
 
 def test_trained_model_runs_on_the_hqq_bytes_with_an_untied_head(trained):

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
 from conftest import (build_tiny_model, cuda_packed_matches_cpu, has_module,
-                      packed_layers_match_dense, refused_export)
+                      packed_layers_match_dense, refused_export, train_tiny_device_aware)
 
 pytestmark = pytest.mark.skipif(not has_module("onnxruntime") or not has_module("onnx"),
                                 reason="needs onnx and onnxruntime")
@@ -74,7 +73,6 @@ def test_dequantization_is_onnxruntimes(tmp_path, tokenizer_dir, tie, quant):
     head's bytes tied). Compared as floats: the identity product cannot show the sign of a
     zero weight, which no product or sum can see either."""
     import numpy as np
-
     from edgeqlora.exporters.onnx.device import dequantize, tensor_bytes
 
     base = build_tiny_model(tmp_path / "base", tokenizer_dir, hidden=64, tie=tie)
@@ -98,7 +96,6 @@ def test_dequantize_fails_on_a_changed_byte(tmp_path, tokenizer_dir):
     """The comparison above can fail: one flipped nibble moves exactly one weight, and the
     two readings then agree only on the flipped bytes."""
     import numpy as np
-
     from edgeqlora.exporters.onnx.device import dequantize, tensor_bytes
 
     base = build_tiny_model(tmp_path / "base", tokenizer_dir, hidden=64)
@@ -115,20 +112,8 @@ def test_dequantize_fails_on_a_changed_byte(tmp_path, tokenizer_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer_dir):
     """A tiny tied Llama trained 3 steps on its onnx-int4 base."""
-    from edgeqlora import train as train_mod
-    from edgeqlora.config import build_config
-    from edgeqlora.tasks import iot
-
-    root = tmp_path_factory.mktemp("device-aware-onnx")
-    base = build_tiny_model(root / "base", tokenizer_dir, hidden=64, intermediate=128)
-    rows, _ = iot.generate(seed=0, n_train=32, n_eval=0)
-    data = iot.write_jsonl(rows, root / "train.jsonl")
-    cfg = build_config({"base": str(base), "data": str(data), "max_steps": 3, "batch_size": 4,
-                        "lr": 2e-3, "warmup_steps": 1, "max_len": 160, "save_every": 0,
-                        "eval_examples": 0, "quant_report_tokens": 0, "lora.r": 4,
-                        "lora.dropout": 0.0, "quant": "onnx-int4"})
-    adapter = train_mod.train(cfg, root / "run")
-    return {"root": root, "base": base, "adapter": Path(adapter)}
+    return train_tiny_device_aware(tmp_path_factory.mktemp("device-aware-onnx"), tokenizer_dir,
+                                   "onnx-int4")
 
 
 def test_trained_model_runs_on_the_int4_bytes(trained):
