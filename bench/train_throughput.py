@@ -73,8 +73,12 @@ def run_baseline(args) -> dict:
                               TrainingArguments)
 
     from edgeqlora.base import resolve_base
+    from edgeqlora.bnb_import import quiet_bnb_import
     from edgeqlora.data import load_dataset, tokenize_dataset
 
+    # bitsandbytes' hub kernel fails its trust check here either way; without this the baseline
+    # prints that failure as a warning line. The kernels it runs are the same.
+    quiet_bnb_import()
     path = resolve_base(args.base)
     tokenizer = AutoTokenizer.from_pretrained(path)
     examples = tokenize_dataset(tokenizer, load_dataset("embedded:iot").rows,

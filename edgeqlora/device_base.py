@@ -1,12 +1,13 @@
 """Device-aware bases: train the adapter on the exact quantized base the device will run.
 
-GGUF: ``quant=gguf-q4_k_m`` (and ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_k_m``, ``gguf-q6_k``, ``gguf-q8_0``) quantizes
-the base once with the GGUF exporter's own code (``exporters.gguf.tensor_bytes``: llama.cpp's
-per-tensor type choice and ``ggml_quantize_chunk``, the function the export writes the base GGUF
-with), and every weight of the training model (linear layers, embedding, output head) becomes
-``gguf.quants.dequantize`` of those bytes (bit-exact with ggml's to-float; ``ggml_torch`` does the
-same in torch, tested against it), moved back from llama.cpp's RoPE row order to Hugging Face's.
-Norms stay F32 in the GGUF, so they are the checkpoint's own values.
+GGUF: ``quant=gguf-q4_k_m`` (and ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_k_m``, ``gguf-q6_k``,
+``gguf-q8_0``) quantizes the base once with the GGUF exporter's own code
+(``exporters.gguf.tensor_bytes``: llama.cpp's per-tensor type choice and ``ggml_quantize_chunk``,
+the function the export writes the base GGUF with), and every weight of the training model (linear
+layers, embedding, output head) becomes ``gguf.quants.dequantize`` of those bytes (bit-exact with
+ggml's to-float; ``ggml_torch`` does the same in torch, tested against it), moved back from
+llama.cpp's RoPE row order to Hugging Face's. Norms stay F32 in the GGUF, so they are the
+checkpoint's own values.
 
 The sha256 of every tensor's bytes goes into the adapter manifest (``quant.device``); the export
 writes the base GGUF with the same function, checks each tensor against it, and ships the LoRA
@@ -248,9 +249,9 @@ def check_recorded(record: dict[str, Any], recorded: dict[str, Any] | None, wher
             raise ManifestError(
                 f"{where}: the {record['quant']} bytes of {name} ({_file_name(record, t)}, "
                 f"{t['type']}) are not the ones the adapter was trained on (sha256 "
-                f"{t['sha256'][:12]}..., recorded {str(want)[:12]}...); {_KERNELS[_target(record)]} "
-                "changed since training: install the versions in the adapter's manifest or "
-                "train again")
+                f"{t['sha256'][:12]}..., recorded {str(want)[:12]}...); "
+                f"{_KERNELS[_target(record)]} changed since training: install the versions in "
+                "the adapter's manifest or train again")
     raise ManifestError(f"{where}: the device base has other tensors than the adapter was "
                         "trained on; train it again with this version")
 
