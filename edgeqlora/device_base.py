@@ -173,16 +173,26 @@ def untie_head(model, state: dict[str, Any]) -> bool:
     own). The config then says the weights are untied, so nothing ties them again."""
     import torch
 
-    head, table = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    head = separate_head(state)
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or table is None or out is None or inp is None \
-            or out.weight is not inp.weight or torch.equal(head, table):
+    if head is None or out is None or inp is None or out.weight is not inp.weight:
         return False
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         cfg.tie_word_embeddings = False
     out.weight = torch.nn.Parameter(head.to(inp.weight.dtype).to(inp.weight.device),
                                     requires_grad=inp.weight.requires_grad)
     return True
+
+
+def separate_head(state: dict[str, Any]):
+    """The output head of a device base's ``state`` when it differs from the token embedding
+    (``onnx-int4-hqq``; see ``untie_head``), else None."""
+    import torch
+
+    head, table = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is None or table is None or torch.equal(head, table):
+        return None
+    return head
 
 
 def pack_linear_layers(model, packed: dict[str, tuple[Any, Any]]) -> int:

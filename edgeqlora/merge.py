@@ -32,6 +32,7 @@ the model (``artifacts.SafetensorsStreamWriter``: the safetensors library only w
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import math
@@ -281,19 +282,19 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
         raise ConfigError(f"merge_base={merge_base!r} is not one of original, dequantized")
     if dtype not in _ST_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(_ST_DTYPES)}")
-    specs = tensor_specs(adapter.base_dir)
+    specs = [(name, shape) for _, name, shape, _ in tensor_specs(adapter.base_dir)]
+    tensors = iter_base_tensors(adapter.base_dir)
     head = _own_head(specs, dequantized) if merge_base == "dequantized" else None
-    writer = SafetensorsStreamWriter(out_dir / "model.safetensors",
-                                     [(name, shape) for _, name, shape, _ in specs]
-                                     + ([("lm_head.weight", tuple(head.shape))] if head is not None
-                                        else []), _ST_DTYPES[dtype])
+    if head is not None:  # written last, from ``dequantized`` like any known weight
+        specs.append(("lm_head.weight", tuple(head.shape)))
+        tensors = itertools.chain(tensors, [("lm_head.weight", head)])
+    writer = SafetensorsStreamWriter(out_dir / "model.safetensors", specs, _ST_DTYPES[dtype])
     merged = 0
     roundtrips = RoundTrips(adapter.base_fingerprint.get("weights_sha256"), adapter.quant) \
         if merge_base == "dequantized" else None
     try:
         with torch.no_grad():
-            for name, tensor in _progress(iter_base_tensors(adapter.base_dir), len(specs),
-                                          "merging", progress):
+            for name, tensor in _progress(tensors, len(specs), "merging", progress):
                 w = tensor.float()
                 known = (dequantized or {}).get(name) if merge_base == "dequantized" else None
                 if known is not None:
@@ -307,12 +308,6 @@ def write_merged(adapter: Adapter, out_dir: Path, merge_base: str, dtype: str = 
                     merged += 1
                 data = w.detach().to(getattr(torch, dtype)).contiguous()
                 writer.write(name, data.reshape(-1).view(torch.uint8).numpy())
-            if head is not None:
-                d = adapter.deltas.get("lm_head.weight") if with_lora else None
-                w = head.float() + d.delta() if d is not None else head.float()
-                merged += d is not None
-                data = w.detach().to(getattr(torch, dtype)).contiguous()
-                writer.write("lm_head.weight", data.reshape(-1).view(torch.uint8).numpy())
     except BaseException:
         writer.fh.close()
         raise
@@ -327,14 +322,11 @@ def _own_head(specs, dequantized: dict[str, Any] | None):
     """The device base's output head when the checkpoint ties it to the embedding but the base
     holds other bytes for it (``onnx-int4-hqq``: ``device_base.untie_head``), else None: the
     merge then writes it as a tensor of its own and unties the config."""
-    import torch
+    from .device_base import separate_head
 
-    names = {name for _, name, _, _ in specs}
-    head = (dequantized or {}).get("lm_head.weight")
-    table = (dequantized or {}).get("model.embed_tokens.weight")
-    if head is None or table is None or "lm_head.weight" in names or torch.equal(head, table):
+    if "lm_head.weight" in {name for name, _ in specs}:
         return None
-    return head
+    return separate_head(dequantized or {})
 
 
 def _progress(it, total: int, what: str, enabled: bool):
